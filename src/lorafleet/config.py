@@ -1,0 +1,61 @@
+"""User-facing adapter configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+EXPERT_SHARING_MODES = ("none", "shared_a", "shared_outer")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How one adapter is shaped.
+
+    rank / alpha: LoRA rank and scale numerator; the update is ``scale * B @ A`` with
+        ``scale = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``).
+    target_modules: ``"all-linear"`` (every linear of the decoder layers except routers and the
+        LM head) or a list of short module names (``["q_proj", "v_proj"]``) as in PEFT.
+    experts: also put LoRA on the packed MoE expert weights (``gate_up_proj`` and ``down_proj``).
+    expert_sharing: ``"none"`` (per-expert A and B), ``"shared_a"`` (one A per projection shared
+        by all experts of a layer, per-expert B), ``"shared_outer"`` (``gate_up`` A and ``down`` B
+        shared, the inner factors per expert: the SGLang / Megatron-Bridge contract).
+    seed: seeds A's Kaiming-uniform init; B always starts at zero.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    experts: bool = True
+    expert_sharing: str = "none"
+    use_rslora: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"AdapterConfig.rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"AdapterConfig.alpha must be a finite number, got {self.alpha!r}")
+        if self.expert_sharing not in EXPERT_SHARING_MODES:
+            raise ValueError(
+                f"AdapterConfig.expert_sharing must be one of {EXPERT_SHARING_MODES}, "
+                f"got {self.expert_sharing!r}"
+            )
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                raise ValueError(
+                    f"AdapterConfig.target_modules must be 'all-linear' or a list of module names, got {tm!r}"
+                )
+        elif not all(isinstance(t, str) and t for t in tm):
+            raise ValueError(f"AdapterConfig.target_modules must hold non-empty strings, got {tm!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    def with_(self, **kw) -> "AdapterConfig":
+        return replace(self, **kw)

@@ -1,0 +1,1 @@
+"""Pure tensor ops (no transformers, nothing of ours above). Layers call `dispatch`, never a kernel."""
