@@ -1,0 +1,339 @@
+"""`Fleet`: a slot pool of LoRA adapters attached in place to one frozen causal LM."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..adapters.weights import AdapterWeights, ExpertsArch
+from ..config import AdapterConfig
+from ..lora import Routing, SlotBank, SlotInfo, use_routing
+from ..lora.experts import SHARED_FACTORS
+from ..lora.linear import kaiming_uniform_A
+from ..lora.routing import RoutingCheckpoint
+from ..models import arch_spec, attach
+
+
+class Fleet:
+    """Many LoRA adapters on one shared frozen base model.
+
+    ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts
+    for slot-routed LoRA layers in place. ``forward(..., adapters=[name | None per row])`` runs a
+    batch whose rows belong to different adapters (``None``: the base model).
+    """
+
+    def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool = True, dtype=None):
+        self.spec = arch_spec(model)
+        self.model = model
+        self.bank = SlotBank(max_adapters, max_rank)
+        self.expert_lora = expert_lora and self.spec.moe
+        self._att = attach(model, self.spec, self.bank, experts=self.expert_lora, dtype=dtype)
+        self._slots: dict[str, int] = {}
+        self._configs: dict[str, AdapterConfig] = {}
+        self._detached = False
+
+    # ----------------------------------------------------------------- registry
+    @property
+    def adapters(self) -> dict[str, AdapterConfig]:
+        """Adapter name -> its config, in slot order."""
+        return {n: self._configs[n] for n in sorted(self._slots, key=self._slots.get)}
+
+    @property
+    def max_adapters(self) -> int:
+        return self.bank.max_adapters
+
+    @property
+    def max_rank(self) -> int:
+        return self.bank.max_rank
+
+    def slot_of(self, name: str) -> int:
+        self._check_alive()
+        if name not in self._slots:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self._slots) or 'none'}")
+        return self._slots[name]
+
+    def target_paths(self, config: AdapterConfig) -> list[str]:
+        """Module paths an adapter with ``config`` puts LoRA on (validates target names)."""
+        available = self._att.linear_names
+        if config.target_modules == "all-linear":
+            wanted = available
+        else:
+            unknown = sorted(set(config.target_modules) - available)
+            if unknown:
+                raise ValueError(
+                    f"unknown target module(s) {unknown} for {self.spec.model_type}; "
+                    f"available: {sorted(available)}"
+                )
+            wanted = set(config.target_modules)
+        return [p for p, m in self._att.linears.items() if m.short_name in wanted]
+
+    def expert_paths(self, config: AdapterConfig) -> list[str]:
+        return list(self._att.experts) if (config.experts and self.expert_lora) else []
+
+    def _validate(self, name, config: AdapterConfig):
+        self._check_alive()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self._slots:
+            raise ValueError(f"adapter {name!r} already exists (slot {self._slots[name]})")
+        if not isinstance(config, AdapterConfig):
+            raise ValueError(f"config must be a lorafleet.AdapterConfig, got {type(config).__name__}")
+        if config.rank > self.bank.max_rank:
+            raise ValueError(
+                f"adapter {name!r}: rank {config.rank} is above this fleet's max_rank {self.bank.max_rank}"
+            )
+        if config.experts and self.spec.moe and not self.expert_lora:
+            raise ValueError(
+                f"adapter {name!r} asks for expert LoRA but the fleet was built with expert_lora=False"
+            )
+        paths = self.target_paths(config)
+        if not paths and not self.expert_paths(config):
+            raise ValueError(f"adapter {name!r} targets nothing in {self.spec.model_type}")
+        if self.bank.free_slot() is None:
+            raise ValueError(
+                f"slot pool is full ({self.bank.max_adapters} adapters: {sorted(self._slots)}); "
+                f"remove one before adding {name!r}"
+            )
+        return paths
+
+    def add_adapter(self, name: str, config: AdapterConfig | None = None) -> int:
+        """Put a fresh adapter (seeded A, zero B) in a free slot; returns the slot."""
+        config = config or AdapterConfig()
+        paths = self._validate(name, config)
+        slot = self.bank.free_slot()
+        self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
+                                         config.expert_sharing)
+        self._slots[name], self._configs[name] = slot, config
+        self._reset_slot(slot, config, set(paths))
+        return slot
+
+    def remove_adapter(self, name: str) -> None:
+        slot = self.slot_of(name)
+        self._reset_slot(slot, None, set())
+        self.bank.slots[slot] = None
+        del self._slots[name], self._configs[name]
+
+    @torch.no_grad()
+    def _reset_slot(self, slot: int, config: AdapterConfig | None, paths: set[str]):
+        """Zero the slot everywhere, then (for a new adapter) draw A from the adapter's seed in a
+        fixed module order, so an adapter's init does not depend on its slot or on neighbours."""
+        gen = torch.Generator().manual_seed(config.seed) if config is not None else None
+        r = config.rank if config is not None else 0
+        use_experts = config is not None and bool(self.expert_paths(config))
+        for m in self._att.lora_modules():
+            for p in m.parameters(recurse=False):
+                p[slot].zero_()
+                if p.grad is not None:
+                    p.grad[slot].zero_()
+        for path, m in self._att.linears.items():
+            m.enabled[slot] = path in paths
+            if path in paths:
+                m.lora_A[slot, :r] = kaiming_uniform_A((r, m.in_features), gen, m.lora_A.dtype, m.lora_A.device)
+        for m in self._att.experts.values():
+            m.enabled[slot] = use_experts
+            if not use_experts:
+                continue
+            g_a, _, d_a, _ = SHARED_FACTORS[config.expert_sharing]
+            for A, shared in ((m.gate_up_A, g_a), (m.down_A, d_a)):
+                n = 1 if shared else m.num_experts
+                A[slot, :n, :r] = kaiming_uniform_A((n, r, A.shape[-1]), gen, A.dtype, A.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                adapters: list[str | None] | None = None, **kwargs):
+        """Run the model on a mixed batch; ``adapters[i]`` names row i's adapter (None = base).
+        Returns the model's usual output with rows in the caller's order."""
+        self._check_alive()
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        batch, seq = input_ids.shape
+        if adapters is None:
+            adapters = [None] * batch
+        if len(adapters) != batch:
+            raise ValueError(f"got {len(adapters)} adapter names for a batch of {batch} rows")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(batch, seq)}")
+        row_slots = [-1 if a is None else self.slot_of(a) for a in adapters]
+        order = sorted(range(batch), key=lambda i: row_slots[i])  # stable: adapter-major
+        permuted = order != list(range(batch))
+        perm = torch.tensor(order, device=input_ids.device)
+        if permuted:
+            input_ids = input_ids[perm]
+            attention_mask = attention_mask[perm] if attention_mask is not None else None
+            kwargs = {k: (v[perm] if _is_row_tensor(v, batch) else v) for k, v in kwargs.items()}
+        out = self.run_routed(self.model, [row_slots[i] for i in order], input_ids=input_ids,
+                              attention_mask=attention_mask, **kwargs)
+        if permuted:
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(batch, device=perm.device)
+            _unpermute_output(out, inv, batch)
+        return out
+
+    def run_routed(self, module, row_slots: list[int], *, input_ids: torch.Tensor, **kwargs):
+        """Call ``module`` (the model or its backbone) on rows already laid out adapter-major;
+        ``row_slots[i]`` is row i's slot (-1: base model)."""
+        routing = Routing.from_row_slots(row_slots, input_ids.shape[1], input_ids.device)
+        self._wrap_checkpointing()
+        with use_routing(routing):
+            return module(input_ids=input_ids, **kwargs)
+
+    __call__ = forward
+
+    def _wrap_checkpointing(self):
+        for m in self.model.modules():
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            if fn is not None and not isinstance(fn, RoutingCheckpoint):
+                m._gradient_checkpointing_func = RoutingCheckpoint(fn)
+
+    # ------------------------------------------------------------ weights I/O
+    def lora_parameters(self):
+        """Every slot tensor (all slots): what an optimizer over the whole pool would see."""
+        for m in self._att.lora_modules():
+            yield from m.parameters(recurse=False)
+
+    def experts_arch(self) -> dict[str, ExpertsArch]:
+        return {
+            p: ExpertsArch(m.num_experts, m.hidden_size, m.inter,
+                           interleaved_gate_up=not getattr(m.base_layer, "is_concatenated", True))
+            for p, m in self._att.experts.items()
+        }
+
+    def adapter_views(self, name: str) -> list[tuple[str, torch.nn.Parameter, tuple]]:
+        """(key, bank parameter, index) for every factor of an adapter: ``param[index]`` is the
+        rank-sliced view of that factor. Keys match `AdapterWeights.tensors()`. The one place that
+        knows where an adapter lives in the bank (export, optimizer and checkpoints all use it)."""
+        slot, config = self.slot_of(name), self._configs[name]
+        r = config.rank
+        views = []
+        for path, m in self._att.linears.items():
+            if m.enabled[slot]:
+                views.append((f"{path}.A", m.lora_A, (slot, slice(0, r))))
+                views.append((f"{path}.B", m.lora_B, (slot, slice(None), slice(0, r))))
+        shared = SHARED_FACTORS[config.expert_sharing]
+        for path, m in self._att.experts.items():
+            if m.enabled[slot]:
+                n = [1 if sh else m.num_experts for sh in shared]
+                views.append((f"{path}.gate_up.A", m.gate_up_A, (slot, slice(0, n[0]), slice(0, r))))
+                views.append((f"{path}.gate_up.B", m.gate_up_B, (slot, slice(0, n[1]), slice(None), slice(0, r))))
+                views.append((f"{path}.down.A", m.down_A, (slot, slice(0, n[2]), slice(0, r))))
+                views.append((f"{path}.down.B", m.down_B, (slot, slice(0, n[3]), slice(None), slice(0, r))))
+        return views
+
+    @torch.no_grad()
+    def get_adapter_weights(self, name: str) -> AdapterWeights:
+        """A copy of the adapter's factors (rank-sliced, shared factors with expert dim 1)."""
+        slot = self.slot_of(name)  # unknown name -> ValueError before anything else
+        w = AdapterWeights(self._configs[name], model_type=self.spec.model_type,
+                           base_model_name_or_path=str(getattr(self.model.config, "_name_or_path", "") or ""),
+                           experts_arch=self.experts_arch())
+        pairs: dict[tuple[str, str | None], list] = {}
+        for key, p, idx in self.adapter_views(name):
+            path, which = key.rsplit(".", 1)  # which: "A" | "B"
+            head, proj = path.rsplit(".", 1)
+            group = (head, proj) if head in self._att.experts else (path, None)
+            pairs.setdefault(group, [None, None])["AB".index(which)] = p[idx].clone()
+        for (path, proj), (a, b) in pairs.items():
+            if proj is None:
+                w.dense[path] = (a, b)
+            else:
+                w.experts.setdefault(path, {})[proj] = (a, b)
+        assert slot == self._slots[name]
+        return w
+
+    def _check_weights(self, name: str, w: AdapterWeights):
+        """Every shape is checked before anything is written (a bad file changes nothing)."""
+        config = w.config
+        paths = set(self.target_paths(config))
+        expected_dense = {p for p in paths}
+        if set(w.dense) != expected_dense:
+            missing, extra = sorted(expected_dense - set(w.dense)), sorted(set(w.dense) - expected_dense)
+            raise ValueError(f"adapter {name!r}: weights do not match its targets (missing {missing[:4]}, "
+                             f"unexpected {extra[:4]})")
+        r = config.rank
+        for path, (a, b) in w.dense.items():
+            m = self._att.linears[path]
+            if tuple(a.shape) != (r, m.in_features) or tuple(b.shape) != (m.out_features, r):
+                raise ValueError(f"adapter {name!r}: {path} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
+                                 f"expected ({r}, {m.in_features}) / ({m.out_features}, {r})")
+        exp_paths = set(self.expert_paths(config))
+        if set(w.experts) != exp_paths:
+            raise ValueError(f"adapter {name!r}: expert weights for {sorted(w.experts)[:3]}..., "
+                             f"expected {sorted(exp_paths)[:3]}...")
+        for path, projs in w.experts.items():
+            m = self._att.experts[path]
+            g_a, g_b, d_a, d_b = SHARED_FACTORS[config.expert_sharing]
+            E = m.num_experts
+            want = {
+                "gate_up": ((1 if g_a else E, r, m.hidden_size), (1 if g_b else E, m.up_out, r)),
+                "down": ((1 if d_a else E, r, m.inter), (1 if d_b else E, m.hidden_size, r)),
+            }
+            for proj, (sa, sb) in want.items():
+                if proj not in projs:
+                    raise ValueError(f"adapter {name!r}: {path} lacks the {proj} factors")
+                a, b = projs[proj]
+                if tuple(a.shape) != sa or tuple(b.shape) != sb:
+                    raise ValueError(f"adapter {name!r}: {path}.{proj} has A {tuple(a.shape)} / B "
+                                     f"{tuple(b.shape)}, expected {sa} / {sb}")
+
+    @torch.no_grad()
+    def set_adapter_weights(self, name: str, w: AdapterWeights) -> None:
+        """Overwrite an existing adapter's factors (its config must match the stored one's shapes)."""
+        slot = self.slot_of(name)
+        if (w.config.rank, w.config.expert_sharing) != (self._configs[name].rank, self._configs[name].expert_sharing):
+            raise ValueError(f"adapter {name!r}: weights have rank {w.config.rank} / {w.config.expert_sharing}, "
+                             f"the slot holds rank {self._configs[name].rank} / {self._configs[name].expert_sharing}")
+        self._check_weights(name, w)
+        values = dict(w.tensors())
+        for key, p, idx in self.adapter_views(name):
+            p[idx] = values[key].to(p)
+
+    def add_adapter_from_weights(self, name: str, w: AdapterWeights) -> int:
+        """Validate everything first, then take a slot and write the weights."""
+        self._validate(name, w.config)
+        self._check_weights(name, w)
+        slot = self.add_adapter(name, w.config)
+        self.set_adapter_weights(name, w)
+        return slot
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> int:
+        """Load a PEFT (or vLLM / SGLang) adapter directory into a free slot."""
+        from ..adapters.formats import load_adapter_dir
+
+        self._check_alive()
+        if name in self._slots:  # fail before reading files
+            raise ValueError(f"adapter {name!r} already exists (slot {self._slots[name]})")
+        w = load_adapter_dir(path, experts_arch=self.experts_arch(), model_type=self.spec.model_type)
+        return self.add_adapter_from_weights(name, w)
+
+    def save_adapter(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
+        from ..adapters.formats import save_adapter_dir
+
+        save_adapter_dir(self.get_adapter_weights(name), path, format=format)
+
+    # --------------------------------------------------------------- teardown
+    def detach(self):
+        """Restore the model's original modules; the fleet is unusable afterwards."""
+        self._check_alive()
+        self._att.detach()
+        self._detached = True
+
+    def _check_alive(self):
+        if self._detached:
+            raise ValueError("this Fleet was detached from its model")
+
+
+def _is_row_tensor(v, batch) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+
+
+def _unpermute_output(out, inv, batch):
+    for key in ("logits", "loss_per_row"):
+        v = getattr(out, key, None)
+        if _is_row_tensor(v, batch):
+            out[key] = v[inv]
+    for key in ("hidden_states", "attentions"):
+        v = getattr(out, key, None)
+        if isinstance(v, tuple):
+            out[key] = tuple(t[inv] if _is_row_tensor(t, batch) else t for t in v)

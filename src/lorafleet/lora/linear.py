@@ -1,0 +1,80 @@
+"""`MultiLoRALinear`: a frozen ``nn.Linear`` plus one LoRA per slot, routed per token."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kernels import dispatch
+from ..kernels.dispatch import Segment
+from .bank import SlotBank
+from .routing import current_routing
+
+
+def kaiming_uniform_A(shape, generator, dtype, device):
+    """PEFT/nn.Linear default init for lora_A (kaiming_uniform with a=sqrt(5))."""
+    fan_in = shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)  # gain(sqrt 5) * sqrt(3 / fan_in) == 1 / sqrt(fan_in)
+    t = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    return t.to(device=device, dtype=dtype)
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, bank: SlotBank, path: str, dtype=None):
+        super().__init__()
+        self.base_layer = base
+        self.bank = bank
+        self.path = path
+        self.short_name = path.rsplit(".", 1)[-1]
+        S, R = bank.max_adapters, bank.max_rank
+        dtype = dtype or base.weight.dtype
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(S, R, base.in_features, dtype=dtype, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(S, base.out_features, R, dtype=dtype, device=dev))
+        self.enabled = [False] * S  # does slot s target this module
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    @property
+    def weight(self):  # code that peeks at ``.weight`` (dtype/device checks) keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def segments(self, routing) -> list[Segment]:
+        segs = []
+        for slot, start, end in routing.segments:
+            if self.enabled[slot]:
+                info = self.bank.info(slot)
+                segs.append(Segment(start, end, slot, slot, info.rank, info.scale))
+        return segs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        routing = current_routing()
+        if routing is None:
+            return y
+        segs = self.segments(routing)
+        if not segs:
+            return y
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != routing.num_tokens:
+            raise ValueError(
+                f"{self.path}: got {flat.shape[0]} tokens but the routing was built for "
+                f"{routing.num_tokens}; call the model through Fleet.forward"
+            )
+        delta = dispatch.segment_lora(flat, self.lora_A, self.lora_B, segs)
+        return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path}, slots={self.bank.max_adapters}, max_rank={self.bank.max_rank}"
