@@ -1,0 +1,228 @@
+"""Adapter directories <-> :class:`AdapterWeights` (PEFT, vLLM and SGLang layouts).
+
+A directory holds ``adapter_model.safetensors``, ``adapter_config.json`` (PEFT's LoRA config) and
+``lorafleet.json`` (``format``, ``expert_sharing``, ``model_type``, ``rank``, ``lorafleet_version``;
+PEFT and the engines ignore it). Dense modules always use PEFT's names
+``base_model.model.<path>.lora_A.weight [r, in]`` / ``.lora_B.weight [out, r]``. MoE experts:
+
+- ``format="peft"``: PEFT >= 0.19.1 ``target_parameters`` layout (``...experts.base_layer.lora_A``
+  for ``gate_up_proj``, ``...experts.lora_A`` for ``down_proj``); loads with
+  ``peft.PeftModel.from_pretrained``. Shared factors are replicated per expert.
+- ``format="vllm"``: per-expert 2D names ``...experts.{e}.gate_proj|up_proj|down_proj`` (Mixtral:
+  ``block_sparse_moe.experts.{e}.w1|w3|w2``); gate and up share the fused A.
+- ``format="sglang"``: SGLang's native 3D names ``...experts.gate_up_proj.lora_A.weight (1|E, 2r, H)``
+  etc. Factors shared by all experts (``expert_sharing="shared_outer"``: gate_up A and down B)
+  keep expert dim 1, and **SGLang must then be started with ``--experts-shared-outer-loras``**: the
+  file carries no tag for it. SGLang needs per-expert down A, so ``"shared_a"`` replicates it.
+  GPT-OSS (interleaved gate/up rows) is refused: SGLang's row layout for it is unverified.
+
+:func:`load_adapter_dir` reads all three back (plus PEFT 0.17/0.18 ``target_parameters`` files,
+whose A/B roles are swapped for HF-v5 weights) and refuses what it cannot represent exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .formats_layouts import (
+    CONFIG_FILE, META_FILE, MIXTRAL_NAMES, PARAM_OF_PROJ, PREFIX, PROJS, VLLM_NAMES, WEIGHTS_FILE,
+    AdapterFormatError, peft_write, proj_dims, sglang_write, vllm_write,
+)
+from .formats_load import load_dir
+from .weights import AdapterWeights, ExpertsArch
+
+__all__ = ["AdapterFormatError", "FORMATS", "save_adapter_dir", "load_adapter_dir"]
+
+FORMATS = ("peft", "vllm", "sglang")
+# PEFT 0.21 on transformers v5 rewrites these short target names into the fused-experts
+# `target_parameters` for these model types on every load (its v4->v5 MoE config conversion), so
+# a PEFT file that targets the *dense* linears of those names cannot be loaded faithfully by PEFT.
+PEFT_REMAPPED_TARGETS = {"deepseek_v3": {"gate_proj", "up_proj", "down_proj"}}
+LORAFLEET_VERSION = "0.1.0"
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.(.+)$")
+
+
+def _peft_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("peft")
+    except Exception:  # noqa: BLE001 - peft not installed: write the version we target
+        return "0.21.2"
+
+
+# =============================================================================== save
+def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> None:  # noqa: A002
+    """Write ``weights`` as an adapter directory in ``format`` ("peft" | "vllm" | "sglang").
+
+    The directory is built next to ``path`` and renamed into place, so a failure never leaves a
+    half-written adapter. An existing adapter directory (or empty directory) at ``path`` is
+    replaced; any other existing path is refused.
+    """
+    if format not in FORMATS:
+        raise AdapterFormatError(f"unknown adapter format {format!r}; valid formats: {', '.join(FORMATS)}")
+    cfg = weights.config
+    r = cfg.rank
+    archs = _check_weights(weights)
+    interleaved = {p: archs[p].interleaved_gate_up for p in archs}
+    if format == "sglang":
+        bad = [p for p, il in interleaved.items() if il]
+        if bad:
+            raise AdapterFormatError(
+                f"format 'sglang': experts {bad[0]!r} have interleaved gate/up rows (GPT-OSS); "
+                "SGLang's layout for them is unverified, export with format 'peft' or 'vllm'"
+            )
+    tensors: dict[str, torch.Tensor] = {}
+    for p, (a, b) in weights.dense.items():
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = a.detach().cpu().contiguous().clone()
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = b.detach().cpu().contiguous().clone()
+    target_modules = {p.rsplit(".", 1)[-1] for p in weights.dense}
+    target_parameters: set[str] = set()
+    projs_used = [pr for pr in PROJS if any(pr in d for d in weights.experts.values())]
+    mixtral = weights.model_type == "mixtral"
+    for p, projs in weights.experts.items():
+        arch = archs[p]
+        if format == "peft":
+            m = _LAYER_RE.search(p)
+            suffix = m.group(1) if m else p
+            for i, proj in enumerate(projs_used):
+                target_parameters.add(f"{suffix}.{PARAM_OF_PROJ[proj]}")
+                if proj in projs:  # gate_up registered first -> wrapped first -> inner (.base_layer)
+                    stem = PREFIX + p + ".base_layer" * (len(projs_used) - 1 - i)
+                    tensors.update(peft_write(stem, *projs[proj], arch.num_experts))
+        elif format == "vllm":
+            names = MIXTRAL_NAMES if mixtral else VLLM_NAMES
+            q = re.sub(r"\.mlp\.experts$", ".block_sparse_moe.experts", p) if mixtral else p
+            tensors.update(vllm_write(PREFIX + q, projs, arch, r, names, interleaved[p]))
+            target_modules.update(names)
+        else:
+            tensors.update(sglang_write(PREFIX + p, projs, arch, r))
+            target_modules.update(PARAM_OF_PROJ[pr] for pr in projs_used)
+    remapped = sorted(target_modules & PEFT_REMAPPED_TARGETS.get(weights.model_type, set()))
+    if format == "peft" and remapped:
+        warnings.warn(
+            f"{weights.model_type}: this adapter targets the dense linears {remapped}; the file is standard, "
+            "but PEFT 0.21 with transformers v5 re-targets those names to the fused MoE experts on load, "
+            "so PeftModel.from_pretrained will not reproduce it (vLLM reads it as written)",
+            stacklevel=2,
+        )
+    alpha = cfg.alpha
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "target_modules": sorted(target_modules),
+        "use_rslora": bool(cfg.use_rslora),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+        "base_model_name_or_path": weights.base_model_name_or_path or None,
+        "peft_version": _peft_version(),
+    }
+    if target_parameters:
+        adapter_config["target_parameters"] = sorted(target_parameters)
+    meta = {"format": format, "expert_sharing": cfg.expert_sharing, "model_type": weights.model_type,
+            "rank": r, "lorafleet_version": LORAFLEET_VERSION}
+    _write_dir(Path(path), tensors, adapter_config, meta)
+
+
+def _check_weights(weights: AdapterWeights) -> dict[str, ExpertsArch]:
+    """Validate shapes against the rank; return an ExpertsArch for every experts path."""
+    r = weights.config.rank
+    for p, (a, b) in weights.dense.items():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterFormatError(
+                f"dense {p!r}: A {list(a.shape)} / B {list(b.shape)} disagree with rank {r} "
+                "(expected A [r, in], B [out, r])"
+            )
+    archs = {}
+    for p, projs in weights.experts.items():
+        unknown = set(projs) - set(PROJS)
+        if unknown or not projs:
+            raise AdapterFormatError(f"experts {p!r}: projections must be among {PROJS}, got {sorted(projs)}")
+        for proj, (a, b) in projs.items():
+            if a.dim() != 3 or b.dim() != 3 or a.shape[1] != r or b.shape[2] != r:
+                raise AdapterFormatError(
+                    f"experts {p!r} {proj}: A {list(a.shape)} / B {list(b.shape)} disagree with rank {r} "
+                    "(expected A [E_A, r, in], B [E_B, out, r])"
+                )
+        arch = weights.experts_arch.get(p)
+        if arch is None:
+            num_e = max(t.shape[0] for ab in projs.values() for t in ab)
+            if "gate_up" in projs:
+                hid, inter = projs["gate_up"][0].shape[2], projs["gate_up"][1].shape[1] // 2
+            else:
+                hid, inter = projs["down"][1].shape[1], projs["down"][0].shape[2]
+            arch = ExpertsArch(num_e, hid, inter, weights.model_type == "gpt_oss")
+        for proj, (a, b) in projs.items():
+            fin, fout = proj_dims(proj, arch)
+            for name, t, dim in (("A", a, fin), ("B", b, fout)):
+                got = t.shape[2] if name == "A" else t.shape[1]
+                if got != dim or t.shape[0] not in (1, arch.num_experts):
+                    raise AdapterFormatError(
+                        f"experts {p!r} {proj}.{name} {list(t.shape)} disagrees with num_experts="
+                        f"{arch.num_experts}, hidden={arch.hidden_size}, intermediate={arch.intermediate_size}"
+                    )
+        archs[p] = arch
+    return archs
+
+
+def _write_dir(path: Path, tensors, adapter_config, meta) -> None:
+    from safetensors.torch import save_file
+
+    if path.exists() and not path.is_dir():
+        raise AdapterFormatError(f"{path}: exists and is not a directory; refusing to overwrite it")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+        raise AdapterFormatError(
+            f"{path}: is a non-empty directory without {CONFIG_FILE}; refusing to replace it"
+        )
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    old = None
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
+            os.rename(path, old / "d")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "d").exists() and not path.exists():
+            os.rename(old / "d", path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# =============================================================================== load
+def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None,
+                     model_type: str = "") -> AdapterWeights:
+    """Read an adapter directory in any of the three layouts into :class:`AdapterWeights`.
+
+    ``experts_arch[path]`` (E / H / I and the gate/up row order per experts module) is required
+    for the PEFT ``target_parameters`` and SGLang layouts. Independent gate and up LoRAs of rank r
+    (per-expert 2D or SGLang files) become their exact fused equivalent of rank 2r: the whole
+    adapter is then zero-padded to rank 2r and alpha rescaled so every update is unchanged
+    (``config.rank`` says so; the caller checks it against its max rank).
+    """
+    return load_dir(path, experts_arch, model_type)
