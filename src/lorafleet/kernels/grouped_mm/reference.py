@@ -26,13 +26,11 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, offsets, transposed):
         out_dim = W.shape[2] if transposed else W.shape[1]
-        y = x.new_empty(x.shape[0], out_dim)
-        for g in range(len(offsets) - 1):
-            s, e = offsets[g], offsets[g + 1]
-            if s < e:
-                torch.mm(x[s:e], _wt(W, g, transposed), out=y[s:e])
+        pieces = [x[offsets[g] : offsets[g + 1]] @ _wt(W, g, transposed)
+                  for g in range(len(offsets) - 1) if offsets[g] < offsets[g + 1]]
         if offsets[-1] < x.shape[0]:
-            y[offsets[-1] :].zero_()
+            pieces.append(x.new_zeros(x.shape[0] - offsets[-1], out_dim))
+        y = torch.cat(pieces) if pieces else x.new_zeros(x.shape[0], out_dim)
         ctx.offsets, ctx.transposed = offsets, transposed
         ctx.save_for_backward(x, W)
         return y
@@ -50,7 +48,7 @@ class _GroupedMM(torch.autograd.Function):
                 continue
             w = _wt(W, g, transposed)  # [in, out]
             if gx is not None:
-                torch.mm(gy[s:e], w.t(), out=gx[s:e])
+                gx[s:e] = gy[s:e] @ w.t()
             if gW is not None:
                 gw = x[s:e].t() @ gy[s:e]  # [in, out]
                 gW[g] += gw if transposed else gw.t()
