@@ -23,10 +23,7 @@ whose A/B roles are swapped for HF-v5 weights) and refuses what it cannot repres
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from .formats_layouts import (
     AdapterFormatError, peft_write, proj_dims, sglang_write, vllm_write,
 )
 from .formats_load import load_dir
+from ..utils.atomic import atomic_dir
 from .weights import AdapterWeights, ExpertsArch
 
 __all__ = ["AdapterFormatError", "FORMATS", "save_adapter_dir", "load_adapter_dir"]
@@ -191,27 +189,10 @@ def _write_dir(path: Path, tensors, adapter_config, meta) -> None:
         raise AdapterFormatError(
             f"{path}: is a non-empty directory without {CONFIG_FILE}; refusing to replace it"
         )
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    old = None
-    try:
+    with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=parent))
-            os.rename(path, old / "d")
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "d").exists() and not path.exists():
-            os.rename(old / "d", path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # =============================================================================== load

@@ -1,0 +1,1 @@
+"""Small helpers with no lorafleet imports (usable from every layer)."""
