@@ -1,7 +1,8 @@
 """lorafleet: train many LoRA adapters at once on one frozen dense or MoE base model."""
 
 from .config import AdapterConfig
-from .engine import Fleet
+from .engine import Fleet, ForwardBackwardResult, OptimConfig
+from .types import Example
 
 __version__ = "0.1.0"
-__all__ = ["AdapterConfig", "Fleet", "__version__"]
+__all__ = ["AdapterConfig", "Example", "Fleet", "ForwardBackwardResult", "OptimConfig", "__version__"]

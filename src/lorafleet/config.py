@@ -59,3 +59,19 @@ class AdapterConfig:
 
     def with_(self, **kw) -> "AdapterConfig":
         return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        tm = self.target_modules
+        return {
+            "rank": self.rank, "alpha": self.alpha, "target_modules": tm if isinstance(tm, str) else list(tm),
+            "experts": self.experts, "expert_sharing": self.expert_sharing, "use_rslora": self.use_rslora,
+            "seed": self.seed,
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> "AdapterConfig":
+        allowed = {"rank", "alpha", "target_modules", "experts", "expert_sharing", "use_rslora", "seed"}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ValueError(f"unknown adapter field(s) {unknown}; allowed: {sorted(allowed)}")
+        return AdapterConfig(**d)

@@ -13,9 +13,11 @@ from ..lora.experts import SHARED_FACTORS
 from ..lora.linear import kaiming_uniform_A
 from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
+from .state import StateMixin
+from .training import AdapterTrainState, TrainingMixin
 
 
-class Fleet:
+class Fleet(TrainingMixin, StateMixin):
     """Many LoRA adapters on one shared frozen base model.
 
     ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts
@@ -31,6 +33,7 @@ class Fleet:
         self._att = attach(model, self.spec, self.bank, experts=self.expert_lora, dtype=dtype)
         self._slots: dict[str, int] = {}
         self._configs: dict[str, AdapterConfig] = {}
+        self._train: dict[str, AdapterTrainState] = {}  # per adapter: optimizer, moments, step
         self._detached = False
 
     # ----------------------------------------------------------------- registry
@@ -105,6 +108,7 @@ class Fleet:
         self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
                                          config.expert_sharing)
         self._slots[name], self._configs[name] = slot, config
+        self._train[name] = AdapterTrainState()  # a reused slot starts with zero moments, step 0
         self._reset_slot(slot, config, set(paths))
         return slot
 
@@ -112,7 +116,7 @@ class Fleet:
         slot = self.slot_of(name)
         self._reset_slot(slot, None, set())
         self.bank.slots[slot] = None
-        del self._slots[name], self._configs[name]
+        del self._slots[name], self._configs[name], self._train[name]
 
     @torch.no_grad()
     def _reset_slot(self, slot: int, config: AdapterConfig | None, paths: set[str]):
@@ -246,9 +250,8 @@ class Fleet:
         """Every shape is checked before anything is written (a bad file changes nothing)."""
         config = w.config
         paths = set(self.target_paths(config))
-        expected_dense = {p for p in paths}
-        if set(w.dense) != expected_dense:
-            missing, extra = sorted(expected_dense - set(w.dense)), sorted(set(w.dense) - expected_dense)
+        if set(w.dense) != paths:
+            missing, extra = sorted(paths - set(w.dense)), sorted(set(w.dense) - paths)
             raise ValueError(f"adapter {name!r}: weights do not match its targets (missing {missing[:4]}, "
                              f"unexpected {extra[:4]})")
         r = config.rank
@@ -280,7 +283,7 @@ class Fleet:
     @torch.no_grad()
     def set_adapter_weights(self, name: str, w: AdapterWeights) -> None:
         """Overwrite an existing adapter's factors (its config must match the stored one's shapes)."""
-        slot = self.slot_of(name)
+        self.slot_of(name)
         if (w.config.rank, w.config.expert_sharing) != (self._configs[name].rank, self._configs[name].expert_sharing):
             raise ValueError(f"adapter {name!r}: weights have rank {w.config.rank} / {w.config.expert_sharing}, "
                              f"the slot holds rank {self._configs[name].rank} / {self._configs[name].expert_sharing}")

@@ -1,0 +1,130 @@
+"""Per-adapter AdamW, learning-rate schedules and gradient clipping over slot views.
+
+Each adapter owns its optimizer state (moments sized to its rank-sliced factors, its step count,
+its schedule). The update is `torch.optim.AdamW`'s single-tensor algorithm, op for op, applied
+in place to the adapter's views of the stacked slot tensors, so one adapter's step never touches
+another adapter's slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyperparameters and the LR schedule of one adapter.
+
+    The learning rate of optimizer step ``t`` (0 for the first step) is ``lr * warmup(t) * decay(t)``:
+    ``warmup(t) = min(1, (t + 1) / warmup_steps)`` (1 without warmup); after warmup, ``linear`` and
+    ``cosine`` decay from ``lr`` to ``lr * min_lr_ratio`` at ``total_steps``; ``constant`` stays.
+    ``grad_clip_norm``: clip this adapter's gradients to that global L2 norm (None or 0: off).
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"OptimConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError(f"OptimConfig.lr must be a finite number >= 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError("OptimConfig.eps must be > 0 and weight_decay >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule != "constant" and not (self.total_steps and self.total_steps > 0):
+            raise ValueError(f"OptimConfig.schedule {self.schedule!r} needs total_steps > 0")
+        if self.grad_clip_norm is not None and self.grad_clip_norm < 0:
+            raise ValueError(f"OptimConfig.grad_clip_norm must be >= 0, got {self.grad_clip_norm}")
+
+    def lr_at(self, step: int) -> float:
+        factor = 1.0
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            factor = (step + 1) / self.warmup_steps
+        elif self.schedule != "constant":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            if self.schedule == "linear":
+                decay = 1.0 - progress
+            else:
+                decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor = self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
+        return self.lr * factor
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "OptimConfig":
+        unknown = set(d) - set(OptimConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown optimizer field(s): {sorted(unknown)}")
+        return OptimConfig(**d)
+
+
+@dataclass
+class AdamState:
+    """One adapter's optimizer state: moments keyed like its factor views."""
+
+    step: int = 0
+    exp_avg: dict[str, torch.Tensor] = field(default_factory=dict)
+    exp_avg_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """Global L2 norm, computed as `torch.nn.utils.clip_grad_norm_` does (norm of per-tensor norms)."""
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0))
+
+
+@torch.no_grad()
+def adamw_step(views, grads, state: AdamState, config: OptimConfig) -> dict:
+    """One AdamW step of one adapter. ``views``: (key, tensor view) pairs updated in place;
+    ``grads``: matching gradient tensors (fp32 math when the weights are low precision)."""
+    norm = grad_norm(grads)
+    clip = config.grad_clip_norm
+    if clip:
+        coef = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s clamped coefficient
+        if coef < 1.0:
+            grads = [g * coef for g in grads]
+    lr = config.lr_at(state.step)
+    beta1, beta2 = config.betas
+    state.step += 1
+    bias_correction1 = 1 - beta1**state.step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**state.step)
+    step_size = lr / bias_correction1
+    for (key, param), grad in zip(views, grads):
+        work = param if param.dtype == torch.float32 else param.float()
+        grad = grad.to(torch.float32)
+        if key not in state.exp_avg:
+            state.exp_avg[key] = torch.zeros_like(work)
+            state.exp_avg_sq[key] = torch.zeros_like(work)
+        exp_avg, exp_avg_sq = state.exp_avg[key], state.exp_avg_sq[key]
+        if config.weight_decay:
+            work.mul_(1 - lr * config.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(config.eps)
+        work.addcdiv_(exp_avg, denom, value=-step_size)
+        if work is not param:
+            param.copy_(work)
+    return {"lr": lr, "grad_norm": norm, "step": state.step}

@@ -1,0 +1,138 @@
+"""`save_state` / `load_state`: an adapter's weights, AdamW moments, step, optimizer config and
+schedule (plus any pending gradients and caller extras such as a data cursor), written atomically.
+
+Directory layout::
+
+    state.json          {"format": "lorafleet-state", "version": 1, "adapter": {...},
+                         "optim": {...}, "step": n, "pending": bool, "extra": {...}}
+    tensors.safetensors weight/<key>, exp_avg/<key>, exp_avg_sq/<key>, grad/<key> (if pending)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import AdapterConfig
+from ..utils.atomic import atomic_dir
+from .optim import AdamState, OptimConfig
+
+STATE_FILE, TENSORS_FILE, FORMAT, VERSION = "state.json", "tensors.safetensors", "lorafleet-state", 1
+
+
+class StateMixin:
+    def save_state(self, name: str, path, extra: dict | None = None) -> None:
+        """Write the adapter's full training state to directory ``path`` (replaced atomically)."""
+        st = self.train_state(name)
+        views = self.adapter_views(name)
+        tensors = {}
+        for (key, p, idx), g in zip(views, self.adapter_grads(name, views)):
+            tensors[f"weight/{key}"] = p[idx].detach().cpu().contiguous().clone()
+            if key in st.adam.exp_avg:
+                tensors[f"exp_avg/{key}"] = st.adam.exp_avg[key].cpu().contiguous()
+                tensors[f"exp_avg_sq/{key}"] = st.adam.exp_avg_sq[key].cpu().contiguous()
+            if st.pending:
+                tensors[f"grad/{key}"] = g.detach().cpu().contiguous().clone()
+        meta = {"format": FORMAT, "version": VERSION, "adapter": self._configs[name].to_dict(),
+                "optim": st.optim.to_dict(), "step": st.adam.step, "pending": st.pending, "extra": extra or {}}
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / TENSORS_FILE))
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load_state(self, name: str, path) -> dict:
+        """Restore an adapter from `save_state`'s directory (adding it to a free slot if it does not
+        exist). Everything is read and checked first: a bad checkpoint raises ValueError and
+        changes nothing. Returns the checkpoint's ``extra`` dict."""
+        meta, tensors = read_state(path)
+        config = AdapterConfig.from_dict(meta["adapter"])
+        optim = OptimConfig.from_dict(meta["optim"])
+        exists = name in self.adapters
+        if exists and self._configs[name].to_dict() != config.to_dict():
+            raise ValueError(f"{path}: checkpoint of adapter config {config.to_dict()} does not match "
+                             f"adapter {name!r} ({self._configs[name].to_dict()})")
+        if not exists:
+            self._validate(name, config)
+            paths = set(self.target_paths(config))
+        else:
+            paths = None
+        # check keys and shapes against where the adapter lives (or would live)
+        expected = self._expected_shapes(config, paths) if not exists else {
+            k: tuple(p[idx].shape) for k, p, idx in self.adapter_views(name)}
+        for k, shape in expected.items():
+            t = tensors.get(f"weight/{k}")
+            if t is None or tuple(t.shape) != shape:
+                raise ValueError(f"{path}: checkpoint tensor weight/{k} is missing or has the wrong shape "
+                                 f"({None if t is None else tuple(t.shape)} vs {shape})")
+            for kind in ("exp_avg", "exp_avg_sq") + (("grad",) if meta["pending"] else ()):
+                u = tensors.get(f"{kind}/{k}")
+                if (u is None and (kind == "grad" or meta["step"] > 0)) or (u is not None and tuple(u.shape) != shape):
+                    raise ValueError(f"{path}: checkpoint tensor {kind}/{k} is missing or has the wrong shape")
+        if not exists:
+            self.add_adapter(name, config)
+        with torch.no_grad():
+            for k, p, idx in self.adapter_views(name):
+                p[idx] = tensors[f"weight/{k}"].to(p)
+                if meta["pending"]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad[idx] = tensors[f"grad/{k}"].to(p.grad)
+                elif p.grad is not None:
+                    p.grad[idx].zero_()
+        dev = self.lora_device
+        adam = AdamState(step=int(meta["step"]))
+        for k in expected:
+            if f"exp_avg/{k}" in tensors:
+                adam.exp_avg[k] = tensors[f"exp_avg/{k}"].to(dev)
+                adam.exp_avg_sq[k] = tensors[f"exp_avg_sq/{k}"].to(dev)
+        st = self._train[name]
+        st.optim, st.adam, st.pending = optim, adam, bool(meta["pending"])
+        return meta.get("extra", {})
+
+    def _expected_shapes(self, config: AdapterConfig, paths: set[str]) -> dict[str, tuple]:
+        """Factor shapes of an adapter with ``config`` that is not in the fleet yet."""
+        from ..lora.experts import SHARED_FACTORS
+
+        r, out = config.rank, {}
+        for path, m in self._att.linears.items():
+            if path in paths:
+                out[f"{path}.A"], out[f"{path}.B"] = (r, m.in_features), (m.out_features, r)
+        if self.expert_paths(config):
+            n = [1 if sh else None for sh in SHARED_FACTORS[config.expert_sharing]]
+            for path, m in self._att.experts.items():
+                E = m.num_experts
+                out[f"{path}.gate_up.A"] = (n[0] or E, r, m.hidden_size)
+                out[f"{path}.gate_up.B"] = (n[1] or E, m.up_out, r)
+                out[f"{path}.down.A"] = (n[2] or E, r, m.inter)
+                out[f"{path}.down.B"] = (n[3] or E, m.hidden_size, r)
+        return out
+
+
+def read_state(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and sanity-check a state directory; ValueError naming the file on any problem."""
+    path = Path(path)
+    state_file, tensors_file = path / STATE_FILE, path / TENSORS_FILE
+    if not state_file.is_file() or not tensors_file.is_file():
+        raise ValueError(f"{path}: not a lorafleet checkpoint (needs {STATE_FILE} and {TENSORS_FILE})")
+    try:
+        meta = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{state_file}: corrupt checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{state_file}: not a lorafleet checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{state_file}: checkpoint version {meta.get('version')!r}, this lorafleet reads {VERSION}")
+    for k in ("adapter", "optim", "step", "pending"):
+        if k not in meta:
+            raise ValueError(f"{state_file}: checkpoint metadata lacks {k!r}")
+    try:
+        tensors = load_file(str(tensors_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{tensors_file}: corrupt checkpoint tensors ({e})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{tensors_file}: non-finite values in {bad[:3]}")
+    return meta, tensors
