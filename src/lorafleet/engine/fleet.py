@@ -74,7 +74,7 @@ class Fleet(TrainingMixin, StateMixin):
     def expert_paths(self, config: AdapterConfig) -> list[str]:
         return list(self._att.experts) if (config.experts and self.expert_lora) else []
 
-    def _validate(self, name, config: AdapterConfig):
+    def _validate(self, name, config: AdapterConfig, slot: int | None = None):
         self._check_alive()
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
@@ -98,13 +98,19 @@ class Fleet(TrainingMixin, StateMixin):
                 f"slot pool is full ({self.bank.max_adapters} adapters: {sorted(self._slots)}); "
                 f"remove one before adding {name!r}"
             )
+        if slot is not None:
+            if not (isinstance(slot, int) and 0 <= slot < self.bank.max_adapters):
+                raise ValueError(f"slot {slot!r} is outside [0, {self.bank.max_adapters})")
+            if self.bank.slots[slot] is not None:
+                raise ValueError(f"slot {slot} is taken by adapter {self.bank.slots[slot].name!r}")
         return paths
 
-    def add_adapter(self, name: str, config: AdapterConfig | None = None) -> int:
-        """Put a fresh adapter (seeded A, zero B) in a free slot; returns the slot."""
+    def add_adapter(self, name: str, config: AdapterConfig | None = None, slot: int | None = None) -> int:
+        """Put a fresh adapter (seeded A, zero B) in a free slot (or the given free ``slot``);
+        returns the slot."""
         config = config or AdapterConfig()
-        paths = self._validate(name, config)
-        slot = self.bank.free_slot()
+        paths = self._validate(name, config, slot)
+        slot = self.bank.free_slot() if slot is None else slot
         self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
                                          config.expert_sharing)
         self._slots[name], self._configs[name] = slot, config

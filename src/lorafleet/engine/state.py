@@ -43,7 +43,7 @@ class StateMixin:
             save_file(tensors, str(tmp / TENSORS_FILE))
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    def load_state(self, name: str, path) -> dict:
+    def load_state(self, name: str, path, slot: int | None = None) -> dict:
         """Restore an adapter from `save_state`'s directory (adding it to a free slot if it does not
         exist). Everything is read and checked first: a bad checkpoint raises ValueError and
         changes nothing. Returns the checkpoint's ``extra`` dict."""
@@ -55,7 +55,7 @@ class StateMixin:
             raise ValueError(f"{path}: checkpoint of adapter config {config.to_dict()} does not match "
                              f"adapter {name!r} ({self._configs[name].to_dict()})")
         if not exists:
-            self._validate(name, config)
+            self._validate(name, config, slot)
             paths = set(self.target_paths(config))
         else:
             paths = None
@@ -72,7 +72,7 @@ class StateMixin:
                 if (u is None and (kind == "grad" or meta["step"] > 0)) or (u is not None and tuple(u.shape) != shape):
                     raise ValueError(f"{path}: checkpoint tensor {kind}/{k} is missing or has the wrong shape")
         if not exists:
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, slot=slot)
         with torch.no_grad():
             for k, p, idx in self.adapter_views(name):
                 p[idx] = tensors[f"weight/{k}"].to(p)

@@ -1,0 +1,1 @@
+"""Jobs built on the public API: `lorafleet train` (and its YAML), evaluation, outputs."""

@@ -1,0 +1,199 @@
+"""The `lorafleet train` YAML: parsed strictly (every unknown field is named) before anything runs.
+
+```yaml
+base: {debug: qwen3_moe}          # or {path: /local/hf/model_dir}; debug models may set
+                                  #   pretrain_steps / sizes (see jobs/base_model.py)
+run_dir: runs/quickstart
+max_adapters: 4                   # slot pool size; more adapters queue for a free slot
+max_rank: 16
+max_length: 64                    # tokens per example
+overflow: truncate                # or skip (counted in the metrics either way)
+seed: 0
+checkpoint_every: 50              # global steps between resume checkpoints (0: only at the end)
+adapters:
+  - name: rev
+    data: examples/data/rev_train.jsonl
+    eval_data: examples/data/rev_eval.jsonl   # or eval_fraction: 0.1
+    rank: 8
+    alpha: 16
+    target_modules: all-linear
+    experts: true
+    expert_sharing: none
+    optimizer: {lr: 1e-3, schedule: cosine, warmup_steps: 10, grad_clip_norm: 1.0}
+    batch_size: 8
+    grad_accum: 1
+    max_steps: 200                 # or epochs: 2
+    eval_every: 50
+    save_every: 100                # periodic PEFT export (the final one is always written)
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..config import EXPERT_SHARING_MODES, AdapterConfig
+from ..engine.optim import OptimConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _take(d: dict, cls, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    return d
+
+
+@dataclass
+class BaseSpec:
+    debug: str | None = None
+    path: str | None = None
+    pretrain_steps: int | None = None  # debug bases: steps of generic pretraining (cached)
+    overrides: dict = field(default_factory=dict)  # debug config overrides (hidden_size, ...)
+
+
+@dataclass
+class AdapterJob:
+    name: str
+    data: str
+    eval_data: str | None = None
+    eval_fraction: float | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: str | list[str] = "all-linear"
+    experts: bool = True
+    expert_sharing: str = "none"
+    use_rslora: bool = False
+    seed: int = 0
+    loss: str = "cross_entropy"
+    optimizer: dict = field(default_factory=dict)
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float | None = None
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    save_every: int = 0
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(rank=self.rank, alpha=self.alpha, target_modules=self.target_modules,
+                             experts=self.experts, expert_sharing=self.expert_sharing,
+                             use_rslora=self.use_rslora, seed=self.seed)
+
+    def optim_config(self, steps: int) -> OptimConfig:
+        opt = dict(self.optimizer)
+        if opt.get("schedule", "constant") != "constant":
+            opt.setdefault("total_steps", steps)
+        return OptimConfig.from_dict(opt)
+
+
+@dataclass
+class TrainConfig:
+    base: BaseSpec
+    adapters: list[AdapterJob]
+    run_dir: str = "runs/train"
+    max_adapters: int = 4
+    max_rank: int = 16
+    max_length: int = 128
+    overflow: str = "truncate"
+    seed: int = 0
+    checkpoint_every: int = 50
+    logprob_chunk: int = 1024
+    source: str = ""  # the YAML file this came from (paths in it are relative to it)
+
+    def resolve(self, p: str | None) -> Path | None:
+        if p is None:
+            return None
+        q = Path(p)
+        return q if q.is_absolute() or not self.source else (Path(self.source).parent / q)
+
+
+def _positive(v, where, allow_zero=False):
+    if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+        raise ConfigError(f"{where} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
+
+
+def parse_config(data: dict, source: str = "") -> TrainConfig:
+    where = source or "config"
+    _take(data, TrainConfig, where)
+    if "base" not in data or "adapters" not in data:
+        raise ConfigError(f"{where}: needs 'base' and 'adapters'")
+    base = BaseSpec(**_take(data["base"], BaseSpec, f"{where}: base"))
+    if (base.debug is None) == (base.path is None):
+        raise ConfigError(f"{where}: base needs exactly one of 'debug' (a built-in model name) or 'path'")
+    raw = data["adapters"]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: 'adapters' must be a non-empty list")
+    jobs, seen = [], set()
+    for i, a in enumerate(raw):
+        aw = f"{where}: adapters[{i}]"
+        _take(a, AdapterJob, aw)
+        if "name" not in a or "data" not in a:
+            raise ConfigError(f"{aw}: needs 'name' and 'data'")
+        job = AdapterJob(**a)
+        aw = f"{where}: adapter {job.name!r}"
+        if not isinstance(job.name, str) or not job.name or "/" in job.name or job.name.startswith("."):
+            raise ConfigError(f"{aw}: name must be a non-empty string without '/' and not starting with '.'")
+        if job.name in seen:
+            raise ConfigError(f"{where}: adapter name {job.name!r} appears twice")
+        seen.add(job.name)
+        if (job.max_steps is None) == (job.epochs is None):
+            raise ConfigError(f"{aw}: give exactly one of max_steps or epochs")
+        if job.max_steps is not None:
+            _positive(job.max_steps, f"{aw}: max_steps")
+        if job.epochs is not None and not (isinstance(job.epochs, (int, float)) and job.epochs > 0):
+            raise ConfigError(f"{aw}: epochs must be > 0, got {job.epochs!r}")
+        for k in ("batch_size", "grad_accum", "eval_batch_size"):
+            _positive(getattr(job, k), f"{aw}: {k}")
+        for k in ("eval_every", "save_every"):
+            _positive(getattr(job, k), f"{aw}: {k}", allow_zero=True)
+        if job.eval_data is not None and job.eval_fraction is not None:
+            raise ConfigError(f"{aw}: give at most one of eval_data or eval_fraction")
+        if job.expert_sharing not in EXPERT_SHARING_MODES:
+            raise ConfigError(f"{aw}: expert_sharing must be one of {EXPERT_SHARING_MODES}")
+        if job.loss not in ("cross_entropy",):
+            raise ConfigError(f"{aw}: the train job supports loss 'cross_entropy' (got {job.loss!r}); "
+                              "RL losses run under `lorafleet rl`")
+        try:
+            job.adapter_config()
+            job.optim_config(job.max_steps or 1)
+        except ValueError as e:
+            raise ConfigError(f"{aw}: {e}") from None
+        jobs.append(job)
+    cfg = TrainConfig(base=base, adapters=jobs, source=source,
+                      **{k: v for k, v in data.items() if k not in ("base", "adapters")})
+    for k in ("max_adapters", "max_rank", "max_length"):
+        _positive(getattr(cfg, k), f"{where}: {k}")
+    _positive(cfg.checkpoint_every, f"{where}: checkpoint_every", allow_zero=True)
+    if cfg.overflow not in ("truncate", "skip"):
+        raise ConfigError(f"{where}: overflow must be 'truncate' or 'skip', got {cfg.overflow!r}")
+    for job in jobs:
+        if job.rank > cfg.max_rank:
+            raise ConfigError(f"{where}: adapter {job.name!r} has rank {job.rank} above max_rank {cfg.max_rank}")
+        for key in ("data", "eval_data"):
+            p = cfg.resolve(getattr(job, key))
+            if p is not None and not p.is_file():
+                raise ConfigError(f"{where}: adapter {job.name!r}: {key} file {str(p)!r} does not exist")
+    return cfg
+
+
+def load_config(path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_config(data, str(path))

@@ -1,0 +1,248 @@
+"""`lorafleet train`: every adapter of a YAML trains concurrently in shared mixed steps.
+
+Each global step takes the next batch of every active adapter (its own batch size), runs one
+`forward_backward` over all of them, and steps each adapter whose gradient accumulation is
+complete. Adapters beyond the slot pool queue and are admitted as slots free; a finished adapter
+is evaluated, exported (PEFT) and its slot freed. Checkpoints (every ``checkpoint_every`` global
+steps) hold every active adapter's full state, its data cursor and slot, so ``--resume``
+continues bitwise identically on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import DataCursor, load_examples, split_eval
+from ..engine import Fleet
+from ..utils.atomic import atomic_dir, atomic_write_text
+from .base_model import load_base
+from .config import TrainConfig
+from .evaluate import accuracy_matrix, evaluate, format_matrix
+from .outputs import MetricsLog, Progress, plot_run
+
+CKPT_DIR, LATEST = "checkpoints", "LATEST"
+
+
+@dataclass
+class AdapterRun:
+    slot: int
+    total_steps: int
+    step: int = 0
+    micro: int = 0
+    loss_sum: float = 0.0  # since the last optimizer step
+    tok_sum: float = 0.0
+    tokens: int = 0
+    elapsed: float = 0.0
+    cursor: dict = field(default_factory=dict)
+
+
+class TrainJob:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool | None = None, log=print):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.run_dir = Path(cfg.run_dir)  # relative to the working directory, like every CLI path
+        self.progress = Progress(progress)
+        self.config_hash = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+    # -------------------------------------------------------------- set-up
+    def _check_run_dir(self) -> dict | None:
+        latest = self.run_dir / CKPT_DIR / LATEST
+        if self.resume:
+            if not latest.is_file():
+                raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+            ckpt = self.run_dir / CKPT_DIR / latest.read_text().strip()
+            state = json.loads((ckpt / "job.json").read_text())
+            if state["config_hash"] != self.config_hash:
+                raise ValueError(f"--resume: the config changed since {ckpt} was written; "
+                                 "resume with the same YAML or start a new run_dir")
+            state["_dir"] = str(ckpt)
+            return state
+        if (self.run_dir / CKPT_DIR).exists() or any(self.run_dir.glob("*/metrics.jsonl")):
+            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
+                             "or choose another run_dir (nothing was written)")
+        return None
+
+    def _load_data(self, tok):
+        """Every dataset is read and checked before training starts."""
+        self.train_sets, self.eval_sets, self.data_stats = {}, {}, {}
+        for a in self.cfg.adapters:
+            exs, stats = load_examples(self.cfg.resolve(a.data), tok, a.name, self.cfg.max_length, self.cfg.overflow)
+            if not exs:
+                raise ValueError(f"adapter {a.name!r}: {a.data} has no usable example ({stats})")
+            ev = []
+            if a.eval_data:
+                ev, _ = load_examples(self.cfg.resolve(a.eval_data), tok, a.name, self.cfg.max_length,
+                                      self.cfg.overflow)
+            elif a.eval_fraction:
+                exs, ev = split_eval(exs, eval_fraction=a.eval_fraction, seed=self.cfg.seed)
+            self.train_sets[a.name], self.eval_sets[a.name], self.data_stats[a.name] = exs, ev, stats
+
+    def _total_steps(self, a) -> int:
+        if a.max_steps:
+            return a.max_steps
+        n = len(self.train_sets[a.name])
+        return max(1, math.ceil(a.epochs * n / (a.batch_size * a.grad_accum)))
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict:
+        state = self._check_run_dir()
+        model, tok, base_name = load_base(self.cfg.base, log=self.log)
+        self._load_data(tok)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer, self.base_name = tok, base_name
+        fleet = self.fleet = Fleet(model, max_adapters=self.cfg.max_adapters, max_rank=self.cfg.max_rank)
+        fleet.logprob_chunk = self.cfg.logprob_chunk
+        self.jobs = {a.name: a for a in self.cfg.adapters}
+        self.active: dict[str, AdapterRun] = {}
+        self.cursors: dict[str, DataCursor] = {}
+        self.logs: dict[str, MetricsLog] = {}
+        self.queue = [a.name for a in self.cfg.adapters]
+        self.finished: list[str] = []
+        self.global_step = 0
+        if state is not None:
+            self._restore(state)
+        t_start = time.perf_counter()
+        try:
+            while self.active or self.queue:
+                self._admit()
+                self._shared_step()
+                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0 and self.active:
+                    self.checkpoint()
+        finally:
+            self.progress.close()
+            for lg in self.logs.values():
+                lg.close()
+        return self._summary(time.perf_counter() - t_start)
+
+    def _admit(self):
+        while self.queue and self.fleet.bank.free_slot() is not None:
+            name = self.queue.pop(0)
+            a = self.jobs[name]
+            slot = self.fleet.add_adapter(name, a.adapter_config())
+            total = self._total_steps(a)
+            self.fleet.set_optimizer(name, a.optim_config(total))
+            self.active[name] = AdapterRun(slot=slot, total_steps=total)
+            self.cursors[name] = DataCursor(self.train_sets[name], seed=self.cfg.seed + a.seed)
+            self.logs[name] = MetricsLog(self.run_dir, name)
+            st = self.data_stats[name]
+            self.logs[name].log({"step": 0, "global_step": self.global_step, "data_examples": st["examples"],
+                                 "data_truncated": st["truncated"], "data_skipped": st["skipped"]})
+            self.progress.start(name, total, 0, position=slot)
+
+    def _shared_step(self):
+        names = sorted(self.active, key=lambda n: self.active[n].slot)
+        batch, owners = [], []
+        for n in names:
+            b = self.cursors[n].next_batch(self.jobs[n].batch_size)
+            batch += b
+            owners += [n] * len(b)
+        t0 = time.perf_counter()
+        res = self.fleet.forward_backward(batch)
+        due = []
+        for n in names:
+            run, m = self.active[n], res.metrics[n]
+            run.micro += 1
+            run.loss_sum += m["loss:sum"]
+            run.tok_sum += m["tokens:sum"]
+            run.tokens += sum(len(e.input_tokens) for e, o in zip(batch, owners) if o == n)
+            if run.micro % self.jobs[n].grad_accum == 0:
+                due.append(n)
+        stepped = self.fleet.optim_step(due) if due else {}
+        dt = time.perf_counter() - t0
+        self.global_step += 1
+        for n in names:
+            self.active[n].elapsed += dt
+        for n in due:
+            self._after_optim_step(n, stepped[n])
+
+    def _after_optim_step(self, name, om):
+        run, a = self.active[name], self.jobs[name]
+        run.step += 1
+        loss = run.loss_sum / max(run.tok_sum, 1.0)
+        tok_s = run.tokens / max(run.elapsed, 1e-9)
+        rec = {"step": run.step, "global_step": self.global_step, "loss": loss, "lr": om["lr"],
+               "grad_norm": om["grad_norm"], "tokens": run.tokens, "tokens_per_s": tok_s}
+        run.loss_sum = run.tok_sum = 0.0
+        done = run.step >= run.total_steps
+        if self.eval_sets[name] and ((a.eval_every and run.step % a.eval_every == 0) or done):
+            rec.update(evaluate(self.fleet, name, self.eval_sets[name], a.eval_batch_size))
+        self.logs[name].log(rec)
+        self.progress.update(name, run.step, run.total_steps, loss, tok_s)
+        if a.save_every and run.step % a.save_every == 0 and not done:
+            self.fleet.save_adapter(name, self.run_dir / name / f"step-{run.step:06d}")
+        if done:
+            self._finish(name)
+
+    def _finish(self, name):
+        self.fleet.save_adapter(name, self.run_dir / name / "final", format="peft")
+        self.progress.finish(name)
+        self.logs.pop(name).close()
+        self.fleet.remove_adapter(name)
+        del self.active[name], self.cursors[name]
+        self.finished.append(name)
+        self.log(f"[{name}] finished: PEFT adapter in {self.run_dir / name / 'final'}")
+
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self):
+        tag = f"step-{self.global_step:06d}"
+        root = self.run_dir / CKPT_DIR
+        with atomic_dir(root / tag) as tmp:
+            for n, run in self.active.items():
+                self.fleet.save_state(n, tmp / "adapters" / n)
+            runs = {n: dict(asdict(r), cursor=self.cursors[n].state_dict()) for n, r in self.active.items()}
+            job = {"global_step": self.global_step, "queue": self.queue, "finished": self.finished,
+                   "active": runs, "config_hash": self.config_hash}
+            (tmp / "job.json").write_text(json.dumps(job, indent=1))
+        atomic_write_text(root / LATEST, tag + "\n")
+        for old in sorted(p for p in root.glob("step-*") if p.name != tag)[:-1]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, state):
+        ckpt = Path(state["_dir"])
+        self.global_step, self.queue, self.finished = state["global_step"], state["queue"], state["finished"]
+        for n, r in sorted(state["active"].items(), key=lambda kv: kv[1]["slot"]):
+            cursor = r.pop("cursor")
+            run = AdapterRun(**r)
+            self.fleet.load_state(n, ckpt / "adapters" / n, slot=run.slot)
+            self.active[n] = run
+            self.cursors[n] = DataCursor(self.train_sets[n], seed=self.cfg.seed + self.jobs[n].seed)
+            self.cursors[n].load_state_dict(cursor)
+            self.logs[n] = MetricsLog(self.run_dir, n, resume_step=self.global_step)
+            self.progress.start(n, run.total_steps, run.step, position=run.slot)
+        self.log(f"resumed {self.run_dir} at global step {self.global_step} from {ckpt.name}")
+
+    # ------------------------------------------------------------- summary
+    def _summary(self, seconds: float) -> dict:
+        png = plot_run(self.run_dir)
+        tasks = {n: self.eval_sets[n] for n in self.finished if self.eval_sets[n]}
+        matrix = {}
+        if tasks:
+            names = [n for n in self.finished if n in tasks]
+            matrix = {None: accuracy_matrix(self.fleet, [None], tasks)[None]}
+            for i in range(0, len(names), self.cfg.max_adapters):
+                group = names[i : i + self.cfg.max_adapters]
+                for n in group:
+                    self.fleet.load_adapter(n, self.run_dir / n / "final")
+                matrix.update(accuracy_matrix(self.fleet, group, tasks))
+                for n in group:
+                    self.fleet.remove_adapter(n)
+            self.log("\n" + format_matrix(matrix))
+        summary = {"run_dir": str(self.run_dir), "base": self.base_name, "seconds": round(seconds, 1),
+                   "adapters": self.finished, "data": self.data_stats, "loss_curves": str(png),
+                   "accuracy": {("base" if k is None else k): v for k, v in matrix.items()}}
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        self.log(f"loss curves: {png}")
+        return summary
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("source", None)
+    return d
