@@ -2,6 +2,7 @@
 
 from .fleet import Fleet
 from .optim import OptimConfig
+from .sampling import SampledSequence, SampleRequest, SamplingParams
 from .training import ForwardBackwardResult
 
-__all__ = ["Fleet", "OptimConfig", "ForwardBackwardResult"]
+__all__ = ["Fleet", "OptimConfig", "ForwardBackwardResult", "SampleRequest", "SamplingParams", "SampledSequence"]

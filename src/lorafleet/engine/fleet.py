@@ -13,11 +13,12 @@ from ..lora.experts import SHARED_FACTORS
 from ..lora.linear import kaiming_uniform_A
 from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
+from .sampling import SamplingMixin
 from .state import StateMixin
 from .training import AdapterTrainState, TrainingMixin
 
 
-class Fleet(TrainingMixin, StateMixin):
+class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     """Many LoRA adapters on one shared frozen base model.
 
     ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts
@@ -184,7 +185,7 @@ class Fleet(TrainingMixin, StateMixin):
     def run_routed(self, module, row_slots: list[int], *, input_ids: torch.Tensor, **kwargs):
         """Call ``module`` (the model or its backbone) on rows already laid out adapter-major;
         ``row_slots[i]`` is row i's slot (-1: base model)."""
-        routing = Routing.from_row_slots(row_slots, input_ids.shape[1], input_ids.device)
+        routing = Routing.from_row_slots(row_slots, input_ids.device)
         self._wrap_checkpointing()
         with use_routing(routing):
             return module(input_ids=input_ids, **kwargs)

@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..data.datasets import DataCursor, load_examples, split_eval
 from ..engine import Fleet

@@ -74,12 +74,8 @@ class MultiLoRAExperts(nn.Module):
         routing = current_routing()
         lora_slot = None
         if routing is not None and any(self.enabled[s] for s in routing.slots):
-            if routing.num_tokens != N:
-                raise ValueError(
-                    f"{self.path}: got {N} tokens but the routing was built for {routing.num_tokens}"
-                )
             enabled = torch.tensor(self.enabled + [False], device=dev)  # index -1 -> False
-            slot = routing.token_slot[pair_tok]
+            slot = routing.token_slot(N, self.path)[pair_tok]
             lora_slot = torch.where(enabled[slot], slot, torch.full_like(slot, -1))
         key = expert * (S + 1) + (0 if lora_slot is None else lora_slot + 1)
         key_sorted, perm = torch.sort(key, stable=True)

@@ -51,9 +51,9 @@ class MultiLoRALinear(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
-    def segments(self, routing) -> list[Segment]:
+    def segments(self, routing, num_tokens: int) -> list[Segment]:
         segs = []
-        for slot, start, end in routing.segments:
+        for slot, start, end in routing.segments(num_tokens, self.path):
             if self.enabled[slot]:
                 info = self.bank.info(slot)
                 segs.append(Segment(start, end, slot, slot, info.rank, info.scale))
@@ -64,15 +64,10 @@ class MultiLoRALinear(nn.Module):
         routing = current_routing()
         if routing is None:
             return y
-        segs = self.segments(routing)
+        flat = x.reshape(-1, x.shape[-1])
+        segs = self.segments(routing, flat.shape[0])
         if not segs:
             return y
-        flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] != routing.num_tokens:
-            raise ValueError(
-                f"{self.path}: got {flat.shape[0]} tokens but the routing was built for "
-                f"{routing.num_tokens}; call the model through Fleet.forward"
-            )
         delta = dispatch.segment_lora(flat, self.lora_A, self.lora_B, segs)
         return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,27 +18,54 @@ _CURRENT: contextvars.ContextVar["Routing | None"] = contextvars.ContextVar("lor
 
 @dataclass(frozen=True)
 class Routing:
-    num_tokens: int
-    token_slot: torch.Tensor  # [num_tokens] int64, -1 for base-model tokens
-    segments: tuple[tuple[int, int, int], ...]  # (slot, start, end) token runs, slot >= 0
+    """Which slot each batch row uses. ``row_segments`` are (slot, first_row, end_row) runs of
+    an adapter-major batch; a layer whose input holds ``k`` tokens per row (the step's tokens,
+    or DeepSeek MLA's whole cached latent sequence) gets token runs scaled by ``k``."""
+
+    num_rows: int
+    row_slots: torch.Tensor  # [num_rows] int64, -1 for base-model rows
+    row_segments: tuple[tuple[int, int, int], ...]  # (slot, first_row, end_row), slot >= 0
+    _by_width: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def from_row_slots(row_slots: list[int], seq_len: int, device) -> "Routing":
+    def from_row_slots(row_slots: list[int], device) -> "Routing":
         """Rows must already be grouped by slot (adapter-major)."""
         segments, start = [], 0
         for i in range(1, len(row_slots) + 1):
             if i == len(row_slots) or row_slots[i] != row_slots[start]:
                 if row_slots[start] >= 0:
-                    segments.append((row_slots[start], start * seq_len, i * seq_len))
+                    segments.append((row_slots[start], start, i))
                 start = i
         slots = sorted({s for s, _, _ in segments})
         assert len(slots) == len(segments), f"rows are not adapter-major: {row_slots}"
-        token_slot = torch.tensor(row_slots, dtype=torch.long, device=device).repeat_interleave(seq_len)
-        return Routing(len(row_slots) * seq_len, token_slot, tuple(segments))
+        return Routing(len(row_slots), torch.tensor(row_slots, dtype=torch.long, device=device), tuple(segments))
 
     @property
     def slots(self) -> tuple[int, ...]:
-        return tuple(s for s, _, _ in self.segments)
+        return tuple(s for s, _, _ in self.row_segments)
+
+    def tokens_per_row(self, num_tokens: int, where: str) -> int:
+        if num_tokens % self.num_rows:
+            raise ValueError(
+                f"{where}: got {num_tokens} tokens, not a multiple of the {self.num_rows} routed rows; "
+                "call the model through Fleet.forward"
+            )
+        return num_tokens // self.num_rows
+
+    def segments(self, num_tokens: int, where: str = "layer") -> tuple[tuple[int, int, int], ...]:
+        """(slot, start, end) token runs of a batch-major input holding ``num_tokens`` tokens."""
+        k = self.tokens_per_row(num_tokens, where)
+        key = ("seg", k)
+        if key not in self._by_width:
+            self._by_width[key] = tuple((s, a * k, b * k) for s, a, b in self.row_segments)
+        return self._by_width[key]
+
+    def token_slot(self, num_tokens: int, where: str = "layer") -> torch.Tensor:
+        k = self.tokens_per_row(num_tokens, where)
+        key = ("slot", k)
+        if key not in self._by_width:
+            self._by_width[key] = self.row_slots.repeat_interleave(k)
+        return self._by_width[key]
 
 
 def current_routing() -> Routing | None:
