@@ -17,6 +17,16 @@ def _train(args) -> int:
     return 0
 
 
+def _rl(args) -> int:
+    from .jobs.rl import RLJob, load_rl_config
+
+    cfg = load_rl_config(args.config)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    RLJob(cfg, resume=args.resume, progress=False if args.no_progress else None).run()
+    return 0
+
+
 def _plot(args) -> int:
     from .jobs.outputs import plot_run
 
@@ -33,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--run-dir", help="override the YAML's run_dir")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     t.set_defaults(fn=_train)
+    r = sub.add_parser("rl", help="RL-train several policies, each with its own reward, at once")
+    r.add_argument("config", help="the job's YAML file (see examples/rl_quickstart.yaml)")
+    r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    r.add_argument("--run-dir", help="override the YAML's run_dir")
+    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    r.set_defaults(fn=_rl)
     p = sub.add_parser("plot", help="write the PNG of a run's loss curves")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/loss_curves.png)")

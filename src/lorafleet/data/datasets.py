@@ -145,11 +145,12 @@ def rows_format(rows: list[dict]) -> Format:
     return fmt  # type: ignore[return-value]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, check_format: bool = True) -> list[dict]:
     """Read and validate a JSONL dataset: one JSON object per line, blank lines skipped, all rows
     in one format.  Returns ``JsonlRow`` dicts (``.source``, ``.line``).  ``DatasetError`` names
     the file and 1-based line for malformed JSON, non-object lines, missing / ill-typed fields and
-    mixed formats; a missing file or one with no rows is an error too."""
+    mixed formats; a missing file or one with no rows is an error too.  ``check_format=False``
+    reads any JSON objects (RL prompt files, whose rows the caller checks)."""
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"dataset file not found: {p}")
@@ -174,6 +175,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
                     raise DatasetError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                if not check_format:
+                    rows.append(JsonlRow(obj, str(p), lineno))
+                    continue
                 try:
                     f = detect_format(obj)
                 except DatasetError as e:
@@ -422,10 +426,13 @@ def split_eval(
 
 
 # ----------------------------------------------------------------------------- batches
-def _fingerprint(examples: list[Example]) -> str:
+def _fingerprint(examples: list) -> str:
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.adapter, ex.input_tokens, ex.target_tokens, ex.weights]).encode())
+        if isinstance(ex, Example):
+            h.update(json.dumps([ex.adapter, ex.input_tokens, ex.target_tokens, ex.weights]).encode())
+        else:  # any other JSON-able item (e.g. RL prompts: token ids and their row)
+            h.update(json.dumps(ex, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 

@@ -89,6 +89,33 @@ class AdapterJob:
                              experts=self.experts, expert_sharing=self.expert_sharing,
                              use_rslora=self.use_rslora, seed=self.seed)
 
+    LOSSES = ("cross_entropy",)
+
+    def validate(self, aw: str) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"{aw}: name must be a non-empty string without '/' and not starting with '.'")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ConfigError(f"{aw}: give exactly one of max_steps or epochs")
+        if self.max_steps is not None:
+            _positive(self.max_steps, f"{aw}: max_steps")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ConfigError(f"{aw}: epochs must be > 0, got {self.epochs!r}")
+        for k in ("batch_size", "grad_accum", "eval_batch_size"):
+            _positive(getattr(self, k), f"{aw}: {k}")
+        for k in ("eval_every", "save_every"):
+            _positive(getattr(self, k), f"{aw}: {k}", allow_zero=True)
+        if self.eval_data is not None and self.eval_fraction is not None:
+            raise ConfigError(f"{aw}: give at most one of eval_data or eval_fraction")
+        if self.expert_sharing not in EXPERT_SHARING_MODES:
+            raise ConfigError(f"{aw}: expert_sharing must be one of {EXPERT_SHARING_MODES}")
+        if self.loss not in self.LOSSES:
+            raise ConfigError(f"{aw}: loss must be one of {self.LOSSES} here (got {self.loss!r})")
+        try:
+            self.adapter_config()
+            self.optim_config(self.max_steps or 1)
+        except ValueError as e:
+            raise ConfigError(f"{aw}: {e}") from None
+
     def optim_config(self, steps: int) -> OptimConfig:
         opt = dict(self.optimizer)
         if opt.get("schedule", "constant") != "constant":
@@ -122,7 +149,8 @@ def _positive(v, where, allow_zero=False):
         raise ConfigError(f"{where} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
 
 
-def parse_config(data: dict, source: str = "") -> TrainConfig:
+def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
+    adapter_cls = adapter_cls or AdapterJob
     where = source or "config"
     _take(data, TrainConfig, where)
     if "base" not in data or "adapters" not in data:
@@ -136,38 +164,14 @@ def parse_config(data: dict, source: str = "") -> TrainConfig:
     jobs, seen = [], set()
     for i, a in enumerate(raw):
         aw = f"{where}: adapters[{i}]"
-        _take(a, AdapterJob, aw)
+        _take(a, adapter_cls, aw)
         if "name" not in a or "data" not in a:
             raise ConfigError(f"{aw}: needs 'name' and 'data'")
-        job = AdapterJob(**a)
-        aw = f"{where}: adapter {job.name!r}"
-        if not isinstance(job.name, str) or not job.name or "/" in job.name or job.name.startswith("."):
-            raise ConfigError(f"{aw}: name must be a non-empty string without '/' and not starting with '.'")
+        job = adapter_cls(**a)
         if job.name in seen:
             raise ConfigError(f"{where}: adapter name {job.name!r} appears twice")
         seen.add(job.name)
-        if (job.max_steps is None) == (job.epochs is None):
-            raise ConfigError(f"{aw}: give exactly one of max_steps or epochs")
-        if job.max_steps is not None:
-            _positive(job.max_steps, f"{aw}: max_steps")
-        if job.epochs is not None and not (isinstance(job.epochs, (int, float)) and job.epochs > 0):
-            raise ConfigError(f"{aw}: epochs must be > 0, got {job.epochs!r}")
-        for k in ("batch_size", "grad_accum", "eval_batch_size"):
-            _positive(getattr(job, k), f"{aw}: {k}")
-        for k in ("eval_every", "save_every"):
-            _positive(getattr(job, k), f"{aw}: {k}", allow_zero=True)
-        if job.eval_data is not None and job.eval_fraction is not None:
-            raise ConfigError(f"{aw}: give at most one of eval_data or eval_fraction")
-        if job.expert_sharing not in EXPERT_SHARING_MODES:
-            raise ConfigError(f"{aw}: expert_sharing must be one of {EXPERT_SHARING_MODES}")
-        if job.loss not in ("cross_entropy",):
-            raise ConfigError(f"{aw}: the train job supports loss 'cross_entropy' (got {job.loss!r}); "
-                              "RL losses run under `lorafleet rl`")
-        try:
-            job.adapter_config()
-            job.optim_config(job.max_steps or 1)
-        except ValueError as e:
-            raise ConfigError(f"{aw}: {e}") from None
+        job.validate(f"{where}: adapter {job.name!r}")
         jobs.append(job)
     cfg = TrainConfig(base=base, adapters=jobs, source=source,
                       **{k: v for k, v in data.items() if k not in ("base", "adapters")})
@@ -186,7 +190,7 @@ def parse_config(data: dict, source: str = "") -> TrainConfig:
     return cfg
 
 
-def load_config(path) -> TrainConfig:
+def load_config(path, adapter_cls=None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -196,4 +200,4 @@ def load_config(path) -> TrainConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), adapter_cls)

@@ -54,8 +54,14 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def plot_run(run_dir, out: Path | None = None, keys=("loss", "eval_loss")) -> Path:
-    """One PNG with every adapter's training loss (solid) and eval loss (dots), per step."""
+# (metric, y label, log scale); each panel is drawn when some adapter logged that metric
+PANELS = (("loss", "loss per trained token", True), ("eval_acc", "eval exact-match accuracy", False),
+          ("reward", "mean reward", False), ("kl", "KL to base (per token)", False))
+
+
+def plot_run(run_dir, out: Path | None = None) -> Path:
+    """One PNG with a panel per logged metric (training loss with eval loss as dots, eval
+    accuracy, reward, KL), every adapter a colour, per optimizer step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,32 +71,27 @@ def plot_run(run_dir, out: Path | None = None, keys=("loss", "eval_loss")) -> Pa
     metrics = read_metrics(run_dir)
     if not metrics:
         raise ValueError(f"{run_dir}: no */{METRICS_FILE} files to plot")
-    has_acc = any("eval_acc" in r for recs in metrics.values() for r in recs)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.5), squeeze=False)
-    ax = axes[0][0]
-    for i, (name, recs) in enumerate(metrics.items()):
-        color = f"C{i % 10}"
-        for key, style in zip(keys, ("-", "o--")):
-            pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts:
-                ax.plot(*zip(*pts), style, color=color, label=f"{name} {key.replace('_', ' ')}", markersize=3)
-    ax.set_xlabel("optimizer step (per adapter)")
-    ax.set_ylabel("loss per trained token")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"lorafleet: {run_dir.name}")
-    if has_acc:
-        ax2 = axes[0][1]
+    panels = [p for p in PANELS if any(p[0] in r for recs in metrics.values() for r in recs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, log) in zip(axes[0], panels):
         for i, (name, recs) in enumerate(metrics.items()):
-            pts = [(r["step"], r["eval_acc"]) for r in recs if "eval_acc" in r]
+            color = f"C{i % 10}"
+            pts = [(r["step"], r[key]) for r in recs if key in r and r[key] == r[key]]
             if pts:
-                ax2.plot(*zip(*pts), "o-", color=f"C{i % 10}", label=name, markersize=3)
-        ax2.set_xlabel("optimizer step (per adapter)")
-        ax2.set_ylabel("eval exact-match accuracy")
-        ax2.set_ylim(-0.02, 1.02)
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
+                ax.plot(*zip(*pts), "-", color=color, label=name, markersize=3)
+            if key == "loss":
+                ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+                if ev:
+                    ax.plot(*zip(*ev), "o--", color=color, label=f"{name} eval", markersize=3)
+        ax.set_xlabel("optimizer step (per adapter)")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        if key == "eval_acc":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"lorafleet: {run_dir.name}")
     fig.tight_layout()
     out = out or run_dir / "loss_curves.png"
     fig.savefig(out, dpi=110)
@@ -116,13 +117,13 @@ class Progress:
             self.bars[name] = tqdm(total=total, initial=done, desc=f"{name:>10s}", position=position,
                                    leave=True, file=self.stream, dynamic_ncols=True)
 
-    def update(self, name: str, step: int, total: int, loss: float, tok_s: float):
+    def update(self, name: str, step: int, total: int, value: float, tok_s: float, label: str = "loss"):
         bar = self.bars.get(name)
         if bar is not None:
             bar.update(step - bar.n)
-            bar.set_postfix_str(f"loss {loss:.4f} {tok_s:,.0f} tok/s")
+            bar.set_postfix_str(f"{label} {value:.4f} {tok_s:,.0f} tok/s")
         elif step % self.every == 0 or step == total:
-            print(f"[{name}] step {step}/{total} loss {loss:.4f} {tok_s:,.0f} tok/s", file=self.stream, flush=True)
+            print(f"[{name}] step {step}/{total} {label} {value:.4f} {tok_s:,.0f} tok/s", file=self.stream, flush=True)
 
     def finish(self, name: str):
         bar = self.bars.pop(name, None)
