@@ -2,7 +2,6 @@
 seeded reproducibility, finished rows leaving the batch, bad input."""
 
 import pytest
-import torch
 
 import lorafleet as lf
 from lorafleet.data.tokenizer import build_tokenizer
