@@ -6,7 +6,15 @@ import argparse
 import sys
 
 
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _train(args) -> int:
+    _threads(args)
     from .jobs.config import load_config
     from .jobs.train import TrainJob
 
@@ -18,6 +26,7 @@ def _train(args) -> int:
 
 
 def _rl(args) -> int:
+    _threads(args)
     from .jobs.rl import RLJob, load_rl_config
 
     cfg = load_rl_config(args.config)
@@ -34,6 +43,15 @@ def _plot(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    _threads(args)
+    from .service.server import serve
+
+    serve(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
+          max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lorafleet", description="Train many LoRA adapters on one frozen base model.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -42,17 +60,30 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("--run-dir", help="override the YAML's run_dir")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
     t.set_defaults(fn=_train)
     r = sub.add_parser("rl", help="RL-train several policies, each with its own reward, at once")
     r.add_argument("config", help="the job's YAML file (see examples/rl_quickstart.yaml)")
     r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     r.add_argument("--run-dir", help="override the YAML's run_dir")
     r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    r.add_argument("--threads", type=int, help="torch intra-op threads")
     r.set_defaults(fn=_rl)
     p = sub.add_parser("plot", help="write the PNG of a run's loss curves")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/loss_curves.png)")
     p.set_defaults(fn=_plot)
+    s = sub.add_parser("serve", help="run the Tinker-compatible HTTP service (needs the 'serve' extra)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--data-dir", default="lorafleet-data", help="checkpoints and the tokenizer live here")
+    s.add_argument("--base", help="a Hugging Face model directory or a debug arch (default: the qwen3_moe debug base)")
+    s.add_argument("--api-keys", help="file of tenant:key lines (or JSON); also read: $LORAFLEET_API_KEYS")
+    s.add_argument("--max-adapters", type=int, default=16, help="slots: training models + loaded samplers")
+    s.add_argument("--max-rank", type=int, default=64)
+    s.add_argument("--alias", action="append", default=[], help="another base_model name to accept (repeatable)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.set_defaults(fn=_serve)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -106,9 +106,13 @@ class SamplingMixin:
         self._decode(rows, requests, params, stop_ids, stop_strs)
         out = [[None] * r.num_samples for r in requests]
         for row in rows:
-            text = self.tokenizer.decode(row.tokens) if self.tokenizer is not None else None
+            text = self._text(row.tokens) if self.tokenizer is not None else None
             out[row.request][row.sample] = SampledSequence(row.tokens, row.logprobs, row.stop_reason, text)
         return out
+
+    def _text(self, tokens: list[int]) -> str:
+        """The completion as text, without special tokens (an eos marker is not part of the answer)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _stops(self, params):
         stop_ids = {s for s in params.stop or [] if isinstance(s, int)}
@@ -147,7 +151,7 @@ class SamplingMixin:
                 row, tok = rows[i], int(nxt[k])
                 row.tokens.append(tok)
                 row.logprobs.append(float(logp[k, tok]))
-                if tok in stop_ids or (stop_strs and _hits(self.tokenizer.decode(row.tokens), stop_strs)):
+                if tok in stop_ids or (stop_strs and _hits(self._text(row.tokens), stop_strs)):
                     row.stop_reason = "stop"
                 elif t + 1 == params.max_tokens:
                     row.stop_reason = "length"

@@ -162,12 +162,17 @@ class RLJob(TrainJob):
         for n in names:
             self.active[n].elapsed += dt
             rw = per[n]["rewards"]
-            self._step_metrics[n] = {
-                "reward": sum(rw) / len(rw) if rw else float("nan"),
-                "completion_tokens": sum(per[n]["lengths"]) / max(len(per[n]["lengths"]), 1),
-                "entropy": sum(ent[n]) / len(ent[n]) if ent[n] else float("nan"),
-                "kl": kl.get(n, 0.0), "dropped": per[n]["dropped"],
-                "reward_errors": self.reward_errors.get(n, 0)}
+            m = {"completion_tokens": sum(per[n]["lengths"]) / max(len(per[n]["lengths"]), 1),
+                 "trained_tokens": len(ent[n]), "dropped": per[n]["dropped"],
+                 "reward_errors": self.reward_errors.get(n, 0)}
+            # metrics that were not measured this step are left out, not logged as 0
+            if rw:
+                m["reward"] = sum(rw) / len(rw)
+            if ent[n]:  # entropy of the trained (non-flat-group) completion tokens
+                m["entropy"] = sum(ent[n]) / len(ent[n])
+            if n in kl:
+                m["kl"] = kl[n]
+            self._step_metrics[n] = m
         for n in due:
             self._after_optim_step(n, stepped[n])
 

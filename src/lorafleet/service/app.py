@@ -1,0 +1,285 @@
+"""FastAPI app speaking the Tinker protocol (see docs/service.md), over a `Service`.
+
+Every error is JSON: 401 for a missing/bad key, 404 for ids the caller cannot see (another
+tenant's ids included), 400 for malformed requests, 413 for bodies over the limit. A failed
+*operation* (found while running it) is reported through its future as
+``{"error", "category"}``, as the SDK expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .auth import Authenticator, AuthError
+from .core import Service
+from .futures import Failure
+from .protocol import ProtocolError
+from .scheduler import UserError
+from .store import Invalid, NotFound
+
+log = logging.getLogger("lorafleet.service")
+API = "/api/v1"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Reject request bodies over ``limit`` bytes with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cl = headers.get(b"content-length")
+        if cl is not None and (not cl.isdigit() or int(cl) > self.limit):
+            return await _send_json(send, 413, {"error": f"request body over the {self.limit}-byte limit",
+                                                "detail": f"request body over the {self.limit}-byte limit"})
+        total = 0
+        started = False
+
+        async def recv():
+            nonlocal total
+            msg = await receive()
+            if msg["type"] == "http.request":
+                total += len(msg.get("body", b""))
+                if total > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        async def snd(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, recv, snd)
+        except _TooLarge:
+            if not started:
+                await _send_json(send, 413, {"error": f"request body over the {self.limit}-byte limit",
+                                             "detail": f"request body over the {self.limit}-byte limit"})
+
+
+async def _send_json(send, status: int, body: dict):
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _err(status: int, msg: str) -> JSONResponse:
+    return JSONResponse({"error": msg, "detail": msg}, status_code=status)
+
+
+def create_app(service: Service, auth: Authenticator) -> FastAPI:
+    app = FastAPI(title="lorafleet", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    limit = service.config.max_body_bytes
+
+    @app.exception_handler(AuthError)
+    async def _auth(_, e):
+        return _err(401, str(e))
+
+    @app.exception_handler(NotFound)
+    async def _nf(_, e):
+        return _err(404, str(e))
+
+    @app.exception_handler(Invalid)
+    async def _inv(_, e):
+        return _err(400, str(e))
+
+    @app.exception_handler(ProtocolError)
+    async def _proto(_, e):
+        return _err(400, str(e))
+
+    @app.exception_handler(UserError)
+    async def _user(_, e):
+        return _err(400, str(e))
+
+    @app.exception_handler(_TooLarge)
+    async def _large(_, e):
+        return _err(413, f"request body over the {limit}-byte limit")
+
+    @app.exception_handler(RequestValidationError)
+    async def _val(_, e):
+        return _err(400, f"invalid request: {e.errors()}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e):
+        return _err(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _any(_, e):
+        log.exception("unhandled error")
+        return _err(500, f"internal error: {type(e).__name__}")
+
+    def tenant_of(request: Request) -> str:
+        key = request.headers.get("x-api-key")
+        if key is None:
+            a = request.headers.get("authorization", "")
+            key = a[7:] if a.lower().startswith("bearer ") else None
+        return auth.tenant_for(key, request.client.host if request.client else None)
+
+    async def body_json(request: Request) -> dict:
+        raw = await _body(request)
+        if not raw.strip():
+            return {}
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Invalid(f"request body is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise Invalid("request body must be a JSON object")
+        return data
+
+    async def _body(request: Request) -> bytes:
+        raw = await request.body()
+        if request.headers.get("content-encoding", "").lower() == "zstd":
+            import zstandard
+
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=limit)
+            except zstandard.ZstdError as e:
+                raise Invalid(f"bad zstd body ({e})") from None
+            if len(raw) > limit:
+                raise Invalid(f"decompressed body over the {limit}-byte limit")
+        return raw
+
+    # ---------------------------------------------------------------- service
+    @app.get(f"{API}/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post(f"{API}/client/config")
+    async def client_config(request: Request):
+        tenant_of(request)
+        return dict(service.config.client_config)
+
+    @app.post(f"{API}/client/dynamic_config")
+    async def client_dynamic_config(request: Request):
+        tenant_of(request)
+        return {}
+
+    @app.api_route(f"{API}/get_server_capabilities", methods=["GET", "POST"])
+    async def capabilities(request: Request):
+        tenant_of(request)
+        return service.capabilities()
+
+    @app.post(f"{API}/create_session")
+    async def create_session(request: Request):
+        t = tenant_of(request)
+        return service.create_session(t, await body_json(request))
+
+    @app.post(f"{API}/session_heartbeat")
+    async def heartbeat(request: Request):
+        t = tenant_of(request)
+        return service.heartbeat(t, await body_json(request))
+
+    @app.post(f"{API}/telemetry")
+    async def telemetry(request: Request):
+        tenant_of(request)
+        await request.body()
+        return {"status": "accepted"}
+
+    @app.post(f"{API}/sessions/{{session_id}}/finish")
+    async def finish(session_id: str, request: Request):
+        t = tenant_of(request)
+        rid = service.finish_session(t, session_id)
+        await service.futures.wait(rid, 30.0)
+        return {}
+
+    # ---------------------------------------------------------------- training
+    @app.post(f"{API}/create_model")
+    async def create_model(request: Request):
+        t = tenant_of(request)
+        return service.create_model(t, await body_json(request))
+
+    @app.post(f"{API}/get_info")
+    async def get_info(request: Request):
+        t = tenant_of(request)
+        return service.get_info(t, await body_json(request))
+
+    @app.post(f"{API}/forward_backward")
+    async def forward_backward(request: Request):
+        t = tenant_of(request)
+        ctype = request.headers.get("content-type", "")
+        if "protobuf" not in ctype:
+            raise Invalid(f"forward_backward takes a protobuf ForwardBackwardRequest "
+                          f"(Content-Type: application/x-protobuf), got {ctype or 'no content type'}")
+        return service.forward_backward(t, await _body(request))
+
+    @app.post(f"{API}/optim_step")
+    async def optim_step(request: Request):
+        t = tenant_of(request)
+        return service.optim_step(t, await body_json(request))
+
+    @app.post(f"{API}/save_weights")
+    async def save_weights(request: Request):
+        t = tenant_of(request)
+        return service.save_weights(t, await body_json(request))
+
+    @app.post(f"{API}/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request):
+        t = tenant_of(request)
+        return service.save_weights_for_sampler(t, await body_json(request))
+
+    @app.post(f"{API}/load_weights")
+    async def load_weights(request: Request):
+        t = tenant_of(request)
+        return service.load_weights(t, await body_json(request))
+
+    # ---------------------------------------------------------------- sampling
+    @app.post(f"{API}/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        t = tenant_of(request)
+        return service.create_sampling_session(t, await body_json(request))
+
+    @app.get(f"{API}/samplers/{{sampler_id}}")
+    async def get_sampler(sampler_id: str, request: Request):
+        t = tenant_of(request)
+        return service.get_sampler(t, sampler_id)
+
+    @app.post(f"{API}/asample")
+    async def asample(request: Request):
+        t = tenant_of(request)
+        return service.asample(t, await body_json(request))
+
+    # ---------------------------------------------------------------- futures
+    @app.post(f"{API}/retrieve_future")
+    async def retrieve_future(request: Request):
+        t = tenant_of(request)
+        body = await body_json(request)
+        rid = body.get("request_id")
+        if not isinstance(rid, str):
+            raise Invalid("retrieve_future needs a request_id string")
+        service.owner_check(t, rid)
+        try:
+            out = await service.futures.wait(rid, service.config.long_poll_s)
+        except KeyError:
+            raise NotFound(f"unknown request_id {rid!r}") from None
+        if out is None:
+            return {"type": "try_again", "request_id": rid, "queue_state": "active"}
+        if isinstance(out, Failure):
+            return {"error": out.error, "category": out.category}
+        if out.body is not None:
+            return Response(out.body, media_type=out.content_type)
+        return out.json
+
+    @app.post(f"{API}/cancel_future")
+    async def cancel_future(request: Request):
+        tenant_of(request)
+        await request.body()
+        return {}
+
+    return BodyLimit(app, limit)

@@ -1,0 +1,473 @@
+"""`Service`: the Tinker protocol's operations over one Fleet (no HTTP here; see app.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import AdapterConfig
+from ..engine import Fleet, SamplingParams
+from . import protocol
+from .futures import FutureStore
+from .scheduler import Op, Scheduler, UserError, optim_config, reset_optimizer
+from .store import Checkpoints, InMemoryStore, Invalid, Model, NotFound, Sampler, Session, Store, check_name
+
+log = logging.getLogger("lorafleet.service")
+
+ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "c_proj",
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
+LORA_ALPHA = 32.0  # Tinker's LoRA scale numerator
+
+
+@dataclass
+class ServiceConfig:
+    data_dir: str = "lorafleet-data"
+    max_adapters: int = 16
+    max_rank: int = 64
+    aliases: list[str] = field(default_factory=list)  # other base_model names accepted for ours
+    max_body_bytes: int = 64 * 1024 * 1024
+    long_poll_s: float = 20.0
+    max_samples: int = 128
+    max_sample_tokens: int = 4096
+    max_tokens_per_datum: int = 32768
+    batch_window_s: float = 0.005
+    gap_timeout_s: float = 30.0
+    client_config: dict = field(default_factory=dict)  # SDK feature flags sent by client/config
+
+
+class Service:
+    def __init__(self, model, tokenizer, base_name: str, config: ServiceConfig | None = None,
+                 store: Store | None = None, tokenizer_dir: str | None = None):
+        self.config = config or ServiceConfig()
+        self.base_name = base_name
+        self.fleet = Fleet(model, max_adapters=self.config.max_adapters, max_rank=self.config.max_rank)
+        self.fleet.tokenizer = tokenizer
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.arch = str(getattr(model.config, "model_type", "unknown"))
+        self.store = store or InMemoryStore()
+        self.futures = FutureStore()
+        self.data_dir = Path(self.config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = Checkpoints(self.data_dir)
+        if tokenizer_dir is None and tokenizer is not None:
+            from ..data.tokenizer import save_tokenizer
+
+            tokenizer_dir = str(save_tokenizer(tokenizer, self.data_dir / "tokenizer").resolve())
+        self.tokenizer_dir = tokenizer_dir
+        self._linear_names = sorted({p.rsplit(".", 1)[-1] for p in self.fleet.target_paths(AdapterConfig())})
+        self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
+                                   gap_timeout_s=self.config.gap_timeout_s)
+        self.scheduler.start()
+
+    def close(self):
+        self.scheduler.stop()
+
+    # ------------------------------------------------------------------ helpers
+    def check_base(self, base_model: str | None) -> str:
+        if base_model is None or base_model in (self.base_name, *self.config.aliases):
+            return self.base_name
+        raise Invalid(f"unknown base_model {base_model!r}; this server serves {self.base_name!r}"
+                      + (f" (aliases: {self.config.aliases})" if self.config.aliases else ""))
+
+    def capabilities(self) -> dict:
+        names = [self.base_name, *self.config.aliases]
+        return {"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]}
+
+    def adapter_config(self, lora: dict) -> AdapterConfig:
+        rank = lora.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.config.max_rank:
+            raise Invalid(f"lora_config.rank must be an integer in [1, {self.config.max_rank}], got {rank!r}")
+        train_attn, train_mlp = bool(lora.get("train_attn", True)), bool(lora.get("train_mlp", True))
+        attn = [n for n in self._linear_names if n in ATTN]
+        mlp = [n for n in self._linear_names if n not in ATTN]
+        targets = (attn if train_attn else []) + (mlp if train_mlp else [])
+        experts = train_mlp and self.fleet.spec.moe
+        if not targets and not experts:
+            raise Invalid("lora_config trains nothing on this base (set train_attn or train_mlp)")
+        seed = lora.get("seed")
+        # train_unembed is accepted but the LM head is not adapted (the engine targets decoder linears)
+        return AdapterConfig(rank=rank, alpha=LORA_ALPHA, target_modules=targets or (attn or mlp)[:1],
+                             experts=experts, seed=int(seed) if seed is not None else 0)
+
+    @staticmethod
+    def adapter_name(tenant: str, model_id: str) -> str:
+        return f"{tenant}/{model_id}"
+
+    def _future(self, tenant: str, kind: str) -> str:
+        return self.futures.create(tenant, kind)
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(self, tenant: str, body: dict) -> dict:
+        sid = uuid.uuid4().hex[:16]
+        self.store.add_session(Session(sid, tenant, meta={"tags": body.get("tags"), "sdk": body.get("sdk_version")}))
+        return {"type": "create_session", "session_id": sid}
+
+    def heartbeat(self, tenant: str, body: dict) -> dict:
+        s = self.store.get_session(str(body.get("session_id")), tenant)
+        s.last_seen = time.time()
+        return {"type": "session_heartbeat"}
+
+    def finish_session(self, tenant: str, session_id: str) -> str:
+        """Close the session's models (freeing their slots); returns the request id to wait on."""
+        s = self.store.get_session(session_id, tenant)
+        s.finished = True
+        models = [m for m in self.store.models_of_session(session_id) if not m.closed]
+        samplers = [x for x in self.store.samplers_of_session(session_id) if x.source and x.source[0] == "weights"]
+        for m in models:
+            m.closed = True
+
+        def fn(fleet):
+            for m in models:
+                self.scheduler.close_model(m.model_id)
+                if m.adapter in fleet.adapters:
+                    fleet.remove_adapter(m.adapter)
+            for x in samplers:
+                if x.adapter_key:
+                    self.scheduler.drop_sampler_adapter(x.adapter_key)
+            return {}
+
+        rid = self._future(tenant, "finish")
+        self.scheduler.submit(Op(rid, tenant, "control", fn))
+        return rid
+
+    # ------------------------------------------------------------------ models
+    def create_model(self, tenant: str, body: dict) -> dict:
+        session = self.store.get_session(str(body.get("session_id")), tenant)
+        seq = body.get("model_seq_id")
+        if not isinstance(seq, int) or seq < 0:
+            raise Invalid("model_seq_id must be a non-negative integer")
+        base = self.check_base(body.get("base_model"))
+        lora = body.get("lora_config")
+        if not isinstance(lora, dict):
+            raise Invalid("create_model needs lora_config (only LoRA training is supported)")
+        opt = body.get("optimizer_config") or {"type": "adamw"}
+        if isinstance(opt, dict) and opt.get("type", "adamw") != "adamw":
+            raise Invalid(f"optimizer {opt.get('type')!r} is not supported (adamw only)")
+        cfg = self.adapter_config(lora)
+        model_id = f"{session.session_id}:train:{seq}"
+        if self.store.has_model(model_id):
+            raise Invalid(f"model {model_id!r} already exists")
+        m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, cfg.rank,
+                  dict(lora))
+        self.store.add_model(m)
+
+        def fn(fleet):
+            try:
+                fleet.add_adapter(m.adapter, cfg)
+            except ValueError as e:
+                m.closed = True
+                raise UserError(str(e)) from None
+            self.scheduler.open_model(model_id)
+            return {"model_id": model_id, "type": "create_model"}
+
+        rid = self._future(tenant, "create_model")
+        self.scheduler.submit(Op(rid, tenant, "control", fn))
+        return {"request_id": rid, "model_id": model_id}
+
+    def get_info(self, tenant: str, body: dict) -> dict:
+        m = self.store.get_model(str(body.get("model_id")), tenant)
+        return {"type": "get_info", "model_id": m.model_id, "is_lora": True, "lora_rank": m.rank,
+                "model_data": {"arch": self.arch, "model_name": m.base_model, "tokenizer_id": self.tokenizer_dir}}
+
+    def _model_for(self, tenant: str, body: dict) -> tuple[Model, int]:
+        m = self.store.get_model(str(body.get("model_id")), tenant)
+        seq = body.get("seq_id")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+            raise Invalid(f"seq_id must be an integer >= 1, got {seq!r}")
+        return m, seq
+
+    def _submit_model_op(self, tenant, m: Model, seq: int, kind: str, fn) -> dict:
+        self.scheduler.check_seq(m.model_id, seq)
+        rid = self._future(tenant, kind)
+        self.scheduler.submit(Op(rid, tenant, "control", fn, model_id=m.model_id, seq_id=seq))
+        return {"request_id": rid, "model_id": m.model_id}
+
+    def forward_backward(self, tenant: str, body: bytes) -> dict:
+        try:
+            req = protocol.decode_forward_backward(body)
+        except protocol.ProtocolError as e:
+            if e.model_id is not None:
+                try:
+                    m = self.store.get_model(e.model_id, tenant)
+                    self.scheduler.skip(m.model_id, e.seq_id)
+                except NotFound:
+                    pass
+            raise
+        m = self.store.get_model(req.model_id, tenant)
+        try:
+            if req.seq_id < 1:
+                raise Invalid(f"seq_id must be >= 1, got {req.seq_id}")
+            for i, d in enumerate(req.data):
+                if len(d["tokens"]) > self.config.max_tokens_per_datum:
+                    raise Invalid(f"datum {i} has {len(d['tokens'])} tokens; the limit is "
+                                  f"{self.config.max_tokens_per_datum}")
+            examples = protocol.to_examples(req, m.adapter, self.vocab)
+            from ..engine.losses import resolve_config
+
+            cfg = resolve_config(req.loss_fn, req.loss_fn_config)
+            if req.loss_fn == "dpo" and len(examples) % 2:
+                raise Invalid("dpo needs (chosen, rejected) pairs: an even number of datums")
+            self.scheduler.check_seq(m.model_id, req.seq_id)
+        except (Invalid, ValueError, UserError) as e:
+            self.scheduler.skip(m.model_id, req.seq_id)
+            raise Invalid(str(e)) from None
+        rid = self._future(tenant, "forward" if req.forward_only else "forward_backward")
+        group = (req.loss_fn, tuple(sorted(cfg.items())), req.forward_only)
+        self.scheduler.submit(Op(rid, tenant, "fwdbwd", model_id=m.model_id, seq_id=req.seq_id,
+                                 examples=examples, group=group))
+        return {"request_id": rid, "model_id": m.model_id}
+
+    def optim_step(self, tenant: str, body: dict) -> dict:
+        m, seq = self._model_for(tenant, body)
+        adam = body.get("adam_params")
+        try:
+            if adam is None:
+                p = body.get("optimizer_params") or body.get("optim_params")
+                if p is not None and p.get("type") not in (None, "adamw", "adam"):
+                    raise Invalid(f"optimizer {p.get('type')!r} is not supported (adamw only)")
+                adam = p or {}
+            if not isinstance(adam, dict):
+                raise Invalid("adam_params must be an object")
+            for k, v in adam.items():
+                if k != "type" and (not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise Invalid(f"adam_params.{k} must be a finite number")
+            cfg = optim_config(adam)
+        except ValueError as e:
+            self.scheduler.skip(m.model_id, seq)
+            raise Invalid(str(e)) from None
+
+        def fn(fleet):
+            fleet.set_optimizer(m.adapter, cfg)
+            out = fleet.optim_step([m.adapter])[m.adapter]
+            return {"type": "optim_step", "metrics": {"grad_norm:mean": float(out["grad_norm"]),
+                                                      "learning_rate:mean": float(out["lr"]),
+                                                      "step:max": float(out["step"])}}
+
+        return self._submit_model_op(tenant, m, seq, "optim_step", fn)
+
+    def save_weights(self, tenant: str, body: dict) -> dict:
+        m, seq = self._model_for(tenant, body)
+        try:
+            name = check_name(body.get("path") or f"state-{seq:06d}")
+            d = self.checkpoints.dir_for(tenant, m.model_id, "weights", name)
+            if d.exists() and not body.get("overwrite", False):
+                raise Invalid(f"checkpoint {name!r} already exists (pass overwrite=True to replace it)")
+        except Invalid:
+            self.scheduler.skip(m.model_id, seq)
+            raise
+
+        def fn(fleet):
+            fleet.save_state(m.adapter, d, extra={"model_id": m.model_id, "base_model": m.base_model,
+                                                  "lora_config": m.lora_config,
+                                                  "user_metadata": body.get("user_metadata")})
+            return {"type": "save_weights", "path": self.checkpoints.tinker_path(m.model_id, "weights", name)}
+
+        return self._submit_model_op(tenant, m, seq, "save_weights", fn)
+
+    def save_weights_for_sampler(self, tenant: str, body: dict) -> dict:
+        m, seq = self._model_for(tenant, body)
+        name, sss = body.get("path"), body.get("sampling_session_seq_id")
+        try:
+            if name is not None:
+                d = self.checkpoints.dir_for(tenant, m.model_id, "sampler_weights", check_name(name))
+            elif not isinstance(sss, int) or sss < 0:
+                raise Invalid("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
+            else:
+                sampler_id = f"{m.session_id}:sample:{sss}"
+                self.store.add_sampler(Sampler(sampler_id, tenant, m.session_id, m.base_model,
+                                               source=("pending",)))
+        except Invalid:
+            self.scheduler.skip(m.model_id, seq)
+            raise
+
+        def fn(fleet):
+            if name is not None:
+                fleet.save_adapter(m.adapter, d)
+                return {"path": self.checkpoints.tinker_path(m.model_id, "sampler_weights", name),
+                        "type": "save_weights_for_sampler"}
+            s = self.store.get_sampler(sampler_id, tenant)
+            s.source = ("weights", fleet.get_adapter_weights(m.adapter))
+            s.adapter_key = f"{tenant}/{sampler_id}"
+            self._register_loader(s)
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+        return self._submit_model_op(tenant, m, seq, "save_weights_for_sampler", fn)
+
+    def load_weights(self, tenant: str, body: dict) -> dict:
+        path, optimizer = body.get("path"), bool(body.get("optimizer", False))
+        if body.get("model_id") is not None:  # into an existing model, in seq order
+            m, seq = self._model_for(tenant, body)
+            try:
+                kind, d = self.checkpoints.resolve(tenant, path)
+                if kind != "weights":
+                    raise Invalid(f"{path!r} is a sampler checkpoint; load_state needs a tinker://.../weights/... path")
+            except (Invalid, NotFound):
+                self.scheduler.skip(m.model_id, seq)
+                raise
+
+            def fn(fleet):
+                fleet.load_state(m.adapter, d)
+                if not optimizer:
+                    reset_optimizer(fleet, m.adapter)
+                return {"type": "load_weights", "path": path, "model_id": m.model_id}
+
+            return self._submit_model_op(tenant, m, seq, "load_weights", fn)
+        # create a model from a checkpoint
+        session = self.store.get_session(str(body.get("session_id")), tenant)
+        mseq = body.get("model_seq_id")
+        if not isinstance(mseq, int) or mseq < 0:
+            raise Invalid("load_weights needs model_id, or session_id with model_seq_id")
+        base = self.check_base(body.get("base_model"))
+        kind, d = self.checkpoints.resolve(tenant, path)
+        if kind != "weights":
+            raise Invalid(f"{path!r} is a sampler checkpoint; training needs a tinker://.../weights/... path")
+        try:
+            meta = json.loads((d / "state.json").read_text())
+            rank = int(meta["adapter"]["rank"])
+            lora = dict((meta.get("extra") or {}).get("lora_config") or {"rank": rank})
+        except Exception as e:  # noqa: BLE001
+            raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
+        model_id = f"{session.session_id}:train:{mseq}"
+        m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, rank, lora)
+        self.store.add_model(m)
+
+        def fn(fleet):
+            try:
+                fleet.load_state(m.adapter, d)
+            except ValueError as e:
+                m.closed = True
+                raise UserError(str(e)) from None
+            if not optimizer:
+                reset_optimizer(fleet, m.adapter)
+            self.scheduler.open_model(model_id)
+            return {"type": "load_weights", "path": path, "model_id": model_id}
+
+        rid = self._future(tenant, "load_weights")
+        self.scheduler.submit(Op(rid, tenant, "control", fn))
+        return {"request_id": rid, "model_id": model_id}
+
+    # ------------------------------------------------------------------ sampling
+    def _register_loader(self, s: Sampler):
+        src = s.source
+
+        def loader(fleet, adapter):
+            if src[0] == "weights":
+                fleet.add_adapter_from_weights(adapter, src[1])
+            elif src[0] == "peft":
+                fleet.load_adapter(adapter, src[1])
+            else:
+                fleet.load_state(adapter, src[1])
+
+        self.scheduler.register_sampler_loader(s.adapter_key, loader)
+
+    def create_sampling_session(self, tenant: str, body: dict) -> dict:
+        session = self.store.get_session(str(body.get("session_id")), tenant)
+        sss = body.get("sampling_session_seq_id")
+        if not isinstance(sss, int) or sss < 0:
+            raise Invalid("sampling_session_seq_id must be a non-negative integer")
+        base = self.check_base(body.get("base_model"))
+        path = body.get("model_path")
+        sid = f"{session.session_id}:sample:{sss}"
+        s = Sampler(sid, tenant, session.session_id, base, model_path=path)
+        if path is not None:
+            kind, d = self.checkpoints.resolve(tenant, path)
+            s.source = ("peft" if kind == "sampler_weights" else "state", d)
+            s.adapter_key = f"{tenant}/{path}"
+        self.store.add_sampler(s)
+        if s.adapter_key:
+            self._register_loader(s)
+        return {"type": "create_sampling_session", "sampling_session_id": sid}
+
+    def get_sampler(self, tenant: str, sampler_id: str) -> dict:
+        s = self.store.get_sampler(sampler_id, tenant)
+        return {"sampler_id": s.sampler_id, "base_model": s.base_model, "model_path": s.model_path}
+
+    def asample(self, tenant: str, body: dict) -> dict:
+        c = self.config
+        if body.get("sampling_session_id") is not None:
+            s = self.store.get_sampler(str(body["sampling_session_id"]), tenant)
+            if s.source is not None and s.source[0] == "pending":
+                raise Invalid(f"sampling session {s.sampler_id!r} is not ready yet")
+            adapter = s.adapter_key
+        elif body.get("model_path") is not None:
+            kind, d = self.checkpoints.resolve(tenant, body["model_path"])
+            s = Sampler(f"adhoc:{body['model_path']}", tenant, "", self.base_name, body["model_path"],
+                        ("peft" if kind == "sampler_weights" else "state", d), f"{tenant}/{body['model_path']}")
+            self._register_loader(s)
+            adapter = s.adapter_key
+        else:
+            self.check_base(body.get("base_model"))
+            adapter = None
+        prompt = _prompt_tokens(body.get("prompt"))
+        if not prompt:
+            raise Invalid("prompt has no tokens")
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise Invalid(f"prompt token ids must be in [0, {self.vocab})")
+        n = body.get("num_samples", 1)
+        if not isinstance(n, int) or not 1 <= n <= c.max_samples:
+            raise Invalid(f"num_samples must be an integer in [1, {c.max_samples}]")
+        for k in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if body.get(k):
+                raise Invalid(f"{k} is not supported by this server")
+        if body.get("target_prompt_logprobs") is not None:
+            raise Invalid("target_prompt_logprobs is not supported by this server")
+        sp = body.get("sampling_params") or {}
+        if not isinstance(sp, dict):
+            raise Invalid("sampling_params must be an object")
+        max_tokens = sp.get("max_tokens") or 16
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= c.max_sample_tokens:
+            raise Invalid(f"sampling_params.max_tokens must be an integer in [1, {c.max_sample_tokens}]")
+        stop = sp.get("stop")
+        stop_on_eos = True
+        if isinstance(stop, str):
+            stop = [stop]
+        elif isinstance(stop, list):
+            if len(stop) == 0:
+                stop_on_eos = False
+            if any(isinstance(x, int) and not 0 <= x < self.vocab for x in stop):
+                raise Invalid(f"stop token ids must be in [0, {self.vocab})")
+        elif stop is not None:
+            raise Invalid("sampling_params.stop must be a string, a list of strings or a list of token ids")
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=float(sp.get("temperature", 1.0)),
+                                    top_p=float(sp.get("top_p", 1.0)), top_k=int(sp.get("top_k", -1)),
+                                    stop=list(stop) if stop else None,
+                                    seed=int(sp["seed"]) if sp.get("seed") is not None else None,
+                                    stop_on_eos=stop_on_eos)
+        except (TypeError, ValueError) as e:
+            raise Invalid(f"sampling_params: {e}") from None
+        last_n = body.get("prompt_logprobs_last_n")
+        if last_n is not None and (not isinstance(last_n, int) or not 1 <= last_n <= len(prompt) - 1):
+            raise Invalid("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
+        rid = self._future(tenant, "sample")
+        self.scheduler.submit(Op(rid, tenant, "sample", sample={
+            "adapter": adapter, "prompt": prompt, "num_samples": n, "params": params,
+            "prompt_logprobs": bool(body.get("prompt_logprobs")), "prompt_logprobs_last_n": last_n}))
+        return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{j}" for j in range(n)]}
+
+    # ------------------------------------------------------------------ futures
+    def owner_check(self, tenant: str, rid: str) -> None:
+        if self.futures.owner(rid) != tenant:
+            raise NotFound(f"unknown request_id {rid!r}")
+
+
+def _prompt_tokens(prompt) -> list[int]:
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("chunks"), list):
+        raise Invalid("prompt must be {chunks: [{type: 'encoded_text', tokens: [...]}]}")
+    out: list[int] = []
+    for i, ch in enumerate(prompt["chunks"]):
+        if not isinstance(ch, dict) or ch.get("type", "encoded_text") != "encoded_text":
+            raise Invalid(f"prompt chunk {i}: only encoded_text chunks are supported")
+        toks = ch.get("tokens")
+        if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+            raise Invalid(f"prompt chunk {i}: tokens must be a list of integers")
+        out.extend(toks)
+    return out
+
+
+

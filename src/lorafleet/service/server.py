@@ -1,0 +1,103 @@
+"""Start the service: load the base, build the app, run uvicorn (or a background thread)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from .app import create_app
+from .auth import Authenticator, is_loopback, load_keys
+from .core import Service, ServiceConfig
+
+log = logging.getLogger("lorafleet.service")
+
+
+def build_service(base: str | None = None, config: ServiceConfig | None = None, log_fn=print) -> Service:
+    """``base``: a Hugging Face model directory, ``debug:<arch>`` / a debug arch name, or None
+    (the embedded ``qwen3_moe`` debug base)."""
+    from ..jobs.base_model import load_base
+    from ..jobs.config import BaseSpec
+
+    from pathlib import Path
+
+    if base is not None and Path(base).is_dir():
+        spec = BaseSpec(path=base)
+    else:
+        spec = BaseSpec(debug="qwen3_moe" if base is None else base.split(":", 1)[-1])
+    model, tok, name = load_base(spec, log=log_fn)
+    tok_dir = str(spec.path) if spec.path is not None else None
+    return Service(model, tok, name, config, tokenizer_dir=tok_dir)
+
+
+def make_app(service: Service, api_keys_file: str | None = None, keys: dict | None = None):
+    keys = load_keys(api_keys_file) if keys is None else keys
+    return create_app(service, Authenticator(keys)), keys
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn in a daemon thread (tests, notebooks): ``with ServerThread(app) as url: ...``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.host = host
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                   lifespan="off", timeout_keep_alive=30))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the service did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
+          api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
+          aliases: list[str] | None = None) -> None:
+    import uvicorn
+
+    keys = load_keys(api_keys)
+    if not keys and not is_loopback(host):
+        raise ValueError(f"no API keys configured (--api-keys FILE or LORAFLEET_API_KEYS): refusing to serve on "
+                         f"non-loopback address {host!r}")
+    cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []))
+    service = build_service(base, cfg)
+    app, _ = make_app(service, keys=keys)
+    if keys:
+        print(f"lorafleet serve: {len(set(keys.values()))} tenant(s) with API keys")
+    else:
+        print("lorafleet serve: no API keys configured -> single tenant 'local', loopback clients only "
+              "(any key starting with 'tml-' works)")
+    print(f"lorafleet serve: base {service.base_name!r}, {cfg.max_adapters} slots (max rank {cfg.max_rank}), "
+          f"data in {cfg.data_dir}; listening on http://{host}:{port}")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+    finally:
+        service.close()
