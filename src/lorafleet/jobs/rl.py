@@ -149,18 +149,10 @@ class RLJob(TrainJob):
             res = self.fleet.forward_backward(exs, loss_fn=loss, loss_fn_config=dict(cfg))
             for e, h in zip(exs, res.entropy):
                 ent[e.adapter] += [x for x, w in zip(h, e.weights) if w > 0]
-        due = []
+        tokens = {n: sum(len(p) for p, _ in groups[n]) * self.jobs[n].group_size + sum(per[n]["lengths"])
+                  for n in names}
+        stepped = self._end_micro_step(names, tokens, t0)
         for n in names:
-            run = self.active[n]
-            run.micro += 1
-            run.tokens += sum(len(p) for p, _ in groups[n]) * self.jobs[n].group_size + sum(per[n]["lengths"])
-            if run.micro % self.jobs[n].grad_accum == 0:
-                due.append(n)
-        stepped = self.fleet.optim_step(due) if due else {}
-        dt = time.perf_counter() - t0
-        self.global_step += 1
-        for n in names:
-            self.active[n].elapsed += dt
             rw = per[n]["rewards"]
             m = {"completion_tokens": sum(per[n]["lengths"]) / max(len(per[n]["lengths"]), 1),
                  "trained_tokens": len(ent[n]), "dropped": per[n]["dropped"],
@@ -173,8 +165,8 @@ class RLJob(TrainJob):
             if n in kl:
                 m["kl"] = kl[n]
             self._step_metrics[n] = m
-        for n in due:
-            self._after_optim_step(n, stepped[n])
+        for n, om in stepped.items():
+            self._after_optim_step(n, om)
 
     def _after_optim_step(self, name, om):
         run = self.active[name]

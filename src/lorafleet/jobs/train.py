@@ -144,13 +144,23 @@ class TrainJob:
             owners += [n] * len(b)
         t0 = time.perf_counter()
         res = self.fleet.forward_backward(batch)
-        due = []
         for n in names:
             run, m = self.active[n], res.metrics[n]
-            run.micro += 1
             run.loss_sum += m["loss:sum"]
             run.tok_sum += m["tokens:sum"]
-            run.tokens += sum(len(e.input_tokens) for e, o in zip(batch, owners) if o == n)
+        tokens = {n: sum(len(e.input_tokens) for e, o in zip(batch, owners) if o == n) for n in names}
+        stepped = self._end_micro_step(names, tokens, t0)
+        for n, om in stepped.items():
+            self._after_optim_step(n, om)
+
+    def _end_micro_step(self, names, tokens: dict[str, int], t0: float) -> dict[str, dict]:
+        """Count one micro-batch for every adapter in the step, optimizer-step those whose
+        accumulation is complete, and advance the clocks. Returns optim_step's metrics."""
+        due = []
+        for n in names:
+            run = self.active[n]
+            run.micro += 1
+            run.tokens += tokens[n]
             if run.micro % self.jobs[n].grad_accum == 0:
                 due.append(n)
         stepped = self.fleet.optim_step(due) if due else {}
@@ -158,8 +168,7 @@ class TrainJob:
         self.global_step += 1
         for n in names:
             self.active[n].elapsed += dt
-        for n in due:
-            self._after_optim_step(n, stepped[n])
+        return stepped
 
     def _after_optim_step(self, name, om):
         run, a = self.active[name], self.jobs[name]
