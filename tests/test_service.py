@@ -11,10 +11,8 @@ import time
 
 import pytest
 
-tinker = pytest.importorskip("tinker")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import tinker
+import httpx
 
 from tinker import types  # noqa: E402
 
@@ -310,3 +308,36 @@ def test_auth_isolation_and_bad_requests(server):
         r = http.post("/api/v1/forward_backward", content=fb_body(4, [1, 9, 10]), headers=ha)
         assert r.status_code == 400 and "seq_id" in r.json()["error"]
     sa.close("success").result(timeout=T)
+
+
+def test_slot_pool_full_is_a_clear_error_and_close_frees_slots(server):
+    svc, url = server
+    sc = client(url, KEY_B)
+    made, err = 0, None
+    for _ in range(svc.config.max_adapters + 1):  # bounded
+        try:
+            sc.create_lora_training_client(base_model=svc.base_name, rank=2).result(timeout=T)
+            made += 1
+        except Exception as e:  # noqa: BLE001 - the SDK's RequestFailedError
+            err = e
+            break
+    assert err is not None and "slots are in use" in str(err) and 1 <= made <= svc.config.max_adapters
+    sc.close("success").result(timeout=T)
+    sc2 = client(url, KEY_B)
+    sc2.create_lora_training_client(base_model=svc.base_name, rank=2).result(timeout=T)
+    sc2.close("success").result(timeout=T)
+
+
+def test_silent_session_is_finished(server):
+    svc, url = server
+    sc = client(url, KEY_A)
+    tc = sc.create_lora_training_client(base_model=svc.base_name, rank=2).result(timeout=T)
+    sid = tc.model_id.split(":")[0]
+    svc.store.get_session(sid, "alice").last_seen -= svc.config.session_timeout_s + 1
+    rids = svc.reap_once()
+    assert len(rids) == 1 and svc.futures.wait_sync(rids[0], T) is not None
+    assert svc.adapter_name("alice", tc.model_id) not in svc.fleet.adapters
+    with httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post("/api/v1/get_info", json={"model_id": tc.model_id}, headers={"X-API-Key": KEY_A})
+        assert r.status_code == 404 and "closed" in r.json()["error"]
+    sc.close("success").result(timeout=T)

@@ -13,26 +13,19 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _train(args) -> int:
+def _job(args) -> int:
+    """`train` and `rl`: load the YAML, run the job (its errors are ValueErrors)."""
     _threads(args)
-    from .jobs.config import load_config
-    from .jobs.train import TrainJob
+    if args.command == "rl":
+        from .jobs.rl import RLJob as Job, load_rl_config as load
+    else:
+        from .jobs.config import load_config as load
+        from .jobs.train import TrainJob as Job
 
-    cfg = load_config(args.config)
+    cfg = load(args.config)
     if args.run_dir:
         cfg.run_dir = args.run_dir
-    TrainJob(cfg, resume=args.resume, progress=False if args.no_progress else None).run()
-    return 0
-
-
-def _rl(args) -> int:
-    _threads(args)
-    from .jobs.rl import RLJob, load_rl_config
-
-    cfg = load_rl_config(args.config)
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    RLJob(cfg, resume=args.resume, progress=False if args.no_progress else None).run()
+    Job(cfg, resume=args.resume, progress=False if args.no_progress else None).run()
     return 0
 
 
@@ -56,19 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lorafleet", description="Train many LoRA adapters on one frozen base model.")
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train every adapter of a YAML config concurrently")
-    t.add_argument("config", help="the job's YAML file (see examples/quickstart.yaml)")
-    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    t.add_argument("--run-dir", help="override the YAML's run_dir")
-    t.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    t.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
-    t.set_defaults(fn=_train)
     r = sub.add_parser("rl", help="RL-train several policies, each with its own reward, at once")
-    r.add_argument("config", help="the job's YAML file (see examples/rl_quickstart.yaml)")
-    r.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    r.add_argument("--run-dir", help="override the YAML's run_dir")
-    r.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    r.add_argument("--threads", type=int, help="torch intra-op threads")
-    r.set_defaults(fn=_rl)
+    for cmd, example in ((t, "quickstart.yaml"), (r, "rl_quickstart.yaml")):
+        cmd.add_argument("config", help=f"the job's YAML file (see examples/{example})")
+        cmd.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        cmd.add_argument("--run-dir", help="override the YAML's run_dir")
+        cmd.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+        cmd.add_argument("--threads", type=int,
+                         help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
+        cmd.set_defaults(fn=_job)
     p = sub.add_parser("plot", help="write the PNG of a run's loss curves")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/loss_curves.png)")

@@ -111,6 +111,10 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
     async def _large(_, e):
         return _err(413, f"request body over the {limit}-byte limit")
 
+    @app.exception_handler(ValueError)  # the engine's convention: ValueError = the caller's mistake
+    async def _value(_, e):
+        return _err(400, str(e))
+
     @app.exception_handler(RequestValidationError)
     async def _val(_, e):
         return _err(400, f"invalid request: {e.errors()}")

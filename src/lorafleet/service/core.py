@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class ServiceConfig:
     batch_window_s: float = 0.005
     gap_timeout_s: float = 30.0
     client_config: dict = field(default_factory=dict)  # SDK feature flags sent by client/config
+    session_timeout_s: float = 300.0  # a session without heartbeats this long is finished (0: never)
 
 
 class Service:
@@ -63,9 +65,29 @@ class Service:
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s)
         self.scheduler.start()
+        self._closing = threading.Event()
+        if self.config.session_timeout_s:
+            threading.Thread(target=self._reap, name="lorafleet-reaper", daemon=True).start()
 
     def close(self):
+        self._closing.set()
         self.scheduler.stop()
+
+    def _reap(self):
+        """Finish sessions whose client stopped sending heartbeats (frees their slots)."""
+        period = min(30.0, self.config.session_timeout_s / 2)
+        while not self._closing.wait(period):
+            self.reap_once()
+
+    def reap_once(self) -> list[str]:
+        """Finish every session silent for longer than ``session_timeout_s``; their request ids."""
+        now, rids = time.time(), []
+        for s in self.store.sessions():
+            if not s.finished and now - s.last_seen > self.config.session_timeout_s:
+                log.warning("session %s of %s sent no heartbeat for %.0f s: finishing it",
+                            s.session_id, s.tenant, now - s.last_seen)
+                rids.append(self.finish_session(s.tenant, s.session_id))
+        return rids
 
     # ------------------------------------------------------------------ helpers
     def check_base(self, base_model: str | None) -> str:
@@ -90,8 +112,10 @@ class Service:
         if not targets and not experts:
             raise Invalid("lora_config trains nothing on this base (set train_attn or train_mlp)")
         seed = lora.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise Invalid(f"lora_config.seed must be an integer, got {seed!r}")
         # train_unembed is accepted but the LM head is not adapted (the engine targets decoder linears)
-        return AdapterConfig(rank=rank, alpha=LORA_ALPHA, target_modules=targets or (attn or mlp)[:1],
+        return AdapterConfig(rank=rank, alpha=LORA_ALPHA, target_modules=tuple(targets),
                              experts=experts, seed=int(seed) if seed is not None else 0)
 
     @staticmethod
@@ -158,6 +182,7 @@ class Service:
 
         def fn(fleet):
             try:
+                self.scheduler.make_room()
                 fleet.add_adapter(m.adapter, cfg)
             except ValueError as e:
                 m.closed = True
@@ -338,6 +363,7 @@ class Service:
 
         def fn(fleet):
             try:
+                self.scheduler.make_room()
                 fleet.load_state(m.adapter, d)
             except ValueError as e:
                 m.closed = True
@@ -441,6 +467,8 @@ class Service:
                                     stop_on_eos=stop_on_eos)
         except (TypeError, ValueError) as e:
             raise Invalid(f"sampling_params: {e}") from None
+        if not (math.isfinite(params.temperature) and math.isfinite(params.top_p)):
+            raise Invalid("sampling_params.temperature and top_p must be finite numbers")
         last_n = body.get("prompt_logprobs_last_n")
         if last_n is not None and (not isinstance(last_n, int) or not 1 <= last_n <= len(prompt) - 1):
             raise Invalid("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")

@@ -246,10 +246,13 @@ class Scheduler:
         examples = [e for op in ops for e in op.examples]
         try:
             res = self.fleet.forward_backward(examples, loss_fn, dict(cfg_items), forward_only=forward_only)
-        except Exception:  # noqa: BLE001 - one bad request must not fail the others: run each alone
+        except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: run each alone
             if len(ops) == 1:
-                self._run_one(ops[0], lambda: self._fwdbwd_result(ops[0], self.fleet.forward_backward(
-                    ops[0].examples, loss_fn, dict(cfg_items), forward_only=forward_only), 0))
+                user = isinstance(e, ValueError)
+                if not user:
+                    log.error("forward_backward failed: %s\n%s", e, traceback.format_exc())
+                msg = str(e) if user else f"internal error: {type(e).__name__}: {e}"
+                self.futures.complete(ops[0].rid, Failure(msg, "user" if user else "server"))
                 return
             for op in ops:
                 self._run_fwdbwd(group, [op])
@@ -283,15 +286,21 @@ class Scheduler:
         loader = self._sampler_loaders.get(adapter)
         if loader is None:
             raise UserError(f"sampler weights {adapter!r} are gone")
+        self.make_room(keep)
+        loader(fleet, adapter)
+        self._sampler_lru[adapter] = None
+
+    def make_room(self, keep: set[str] = frozenset()) -> None:
+        """Free a slot if the pool is full by evicting least recently used sampler weights
+        (reloaded on demand); UserError if every slot holds a training model or a needed sampler."""
+        fleet = self.fleet
         while len(fleet.adapters) >= fleet.max_adapters:
             victim = next((a for a in self._sampler_lru if a not in keep), None)
             if victim is None:
                 raise UserError(f"all {fleet.max_adapters} adapter slots are in use; close some training "
-                                "clients or samplers and retry")
+                                "clients (their sessions) or samplers and retry")
             fleet.remove_adapter(victim)
             del self._sampler_lru[victim]
-        loader(fleet, adapter)
-        self._sampler_lru[adapter] = None
 
     def drop_sampler_adapter(self, adapter: str):
         self._sampler_loaders.pop(adapter, None)

@@ -65,6 +65,7 @@ class Store:
 
     def add_session(self, s: Session) -> None: raise NotImplementedError
     def get_session(self, session_id: str, tenant: str) -> Session: raise NotImplementedError
+    def sessions(self) -> list[Session]: raise NotImplementedError
     def add_model(self, m: Model) -> None: raise NotImplementedError
     def get_model(self, model_id: str, tenant: str) -> Model: raise NotImplementedError
     def models_of_session(self, session_id: str) -> list[Model]: raise NotImplementedError
@@ -90,6 +91,10 @@ class InMemoryStore(Store):
         if s is None or s.tenant != tenant:
             raise NotFound(f"unknown session {session_id!r}")
         return s
+
+    def sessions(self):
+        with self._lock:
+            return list(self._sessions.values())
 
     def add_model(self, m):
         with self._lock:
