@@ -203,16 +203,20 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         await service.futures.wait(rid, 30.0)
         return {}
 
-    # ---------------------------------------------------------------- training
-    @app.post(f"{API}/create_model")
-    async def create_model(request: Request):
-        t = tenant_of(request)
-        return service.create_model(t, await body_json(request))
+    # ---------------------------------------------------------------- training and sampling
+    def json_route(name: str):
+        """POST /api/v1/<name>: the tenant's JSON body goes to the service method of that name."""
+        method = getattr(service, name)
 
-    @app.post(f"{API}/get_info")
-    async def get_info(request: Request):
-        t = tenant_of(request)
-        return service.get_info(t, await body_json(request))
+        async def route(request: Request):
+            return method(tenant_of(request), await body_json(request))
+
+        route.__name__ = name
+        app.post(f"{API}/{name}")(route)
+
+    for name in ("create_model", "get_info", "optim_step", "save_weights", "save_weights_for_sampler",
+                 "load_weights", "create_sampling_session", "asample"):
+        json_route(name)
 
     @app.post(f"{API}/forward_backward")
     async def forward_backward(request: Request):
@@ -223,41 +227,10 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
                           f"(Content-Type: application/x-protobuf), got {ctype or 'no content type'}")
         return service.forward_backward(t, await _body(request))
 
-    @app.post(f"{API}/optim_step")
-    async def optim_step(request: Request):
-        t = tenant_of(request)
-        return service.optim_step(t, await body_json(request))
-
-    @app.post(f"{API}/save_weights")
-    async def save_weights(request: Request):
-        t = tenant_of(request)
-        return service.save_weights(t, await body_json(request))
-
-    @app.post(f"{API}/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request):
-        t = tenant_of(request)
-        return service.save_weights_for_sampler(t, await body_json(request))
-
-    @app.post(f"{API}/load_weights")
-    async def load_weights(request: Request):
-        t = tenant_of(request)
-        return service.load_weights(t, await body_json(request))
-
-    # ---------------------------------------------------------------- sampling
-    @app.post(f"{API}/create_sampling_session")
-    async def create_sampling_session(request: Request):
-        t = tenant_of(request)
-        return service.create_sampling_session(t, await body_json(request))
-
     @app.get(f"{API}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str, request: Request):
         t = tenant_of(request)
         return service.get_sampler(t, sampler_id)
-
-    @app.post(f"{API}/asample")
-    async def asample(request: Request):
-        t = tenant_of(request)
-        return service.asample(t, await body_json(request))
 
     # ---------------------------------------------------------------- futures
     @app.post(f"{API}/retrieve_future")
