@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 EXPERT_SHARING_MODES = ("none", "shared_a", "shared_outer")
 
@@ -30,7 +30,6 @@ class AdapterConfig:
     expert_sharing: str = "none"
     use_rslora: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):

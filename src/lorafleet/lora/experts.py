@@ -54,11 +54,6 @@ class MultiLoRAExperts(nn.Module):
         self.down_B = z(S, E, H, R)
         self.enabled = [False] * S
 
-    # the HF MoE block reads nothing but the call; keep the base's attributes reachable anyway
-    @property
-    def num_local_experts(self):
-        return self.num_experts
-
     def factor_index(self, slot: int, expert: int, shared: bool) -> int:
         return slot * self.num_experts + (0 if shared else expert)
 
