@@ -300,3 +300,17 @@ def test_bad_forward_backward_inputs():
     with pytest.raises(ValueError, match="target token ids"):
         fleet.forward_backward([lf.Example("a", [5, 6], [7, 9999])])
     assert all(p.grad is None for p in fleet.lora_parameters()) and fleet.pending_adapters() == []
+
+
+def test_reset_optimizer_and_linear_names():
+    fleet = make_fleet()
+    assert fleet.linear_names == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    fleet.add_adapter("a", lf.AdapterConfig(rank=4))
+    fleet.set_optimizer("a", lf.OptimConfig(lr=0.1))
+    fleet.forward_backward(rand_examples("a", 1, 0))
+    fleet.optim_step()
+    before = {k: t.clone() for k, t in fleet.get_adapter_weights("a").tensors()}
+    fleet.reset_optimizer("a")
+    st = fleet.train_state("a")
+    assert st.adam.step == 0 and not st.adam.exp_avg and st.optim.lr == 0.1
+    assert all(torch.equal(t, before[k]) for k, t in fleet.get_adapter_weights("a").tensors())

@@ -44,6 +44,11 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         return {n: self._configs[n] for n in sorted(self._slots, key=self._slots.get)}
 
     @property
+    def linear_names(self) -> list[str]:
+        """Short names of the linears an adapter can target (``target_modules`` values)."""
+        return sorted(self._att.linear_names)
+
+    @property
     def max_adapters(self) -> int:
         return self.bank.max_adapters
 

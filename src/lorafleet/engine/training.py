@@ -50,6 +50,11 @@ class TrainingMixin:
         self.slot_of(name)
         return self._train[name]
 
+    def reset_optimizer(self, name: str) -> None:
+        """Forget an adapter's AdamW moments and step (its weights and optimizer config stay):
+        e.g. after loading weights without optimizer state."""
+        self.train_state(name).adam = AdamState()
+
     def pending_adapters(self) -> list[str]:
         return [n for n in self.adapters if self._train[n].pending]
 

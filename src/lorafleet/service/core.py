@@ -15,7 +15,7 @@ from ..config import AdapterConfig
 from ..engine import Fleet, SamplingParams
 from . import protocol
 from .futures import FutureStore
-from .scheduler import Op, Scheduler, UserError, optim_config, reset_optimizer
+from .scheduler import Op, Scheduler, UserError, optim_config
 from .store import Checkpoints, InMemoryStore, Invalid, Model, NotFound, Sampler, Session, Store, check_name
 
 log = logging.getLogger("lorafleet.service")
@@ -61,7 +61,7 @@ class Service:
 
             tokenizer_dir = str(save_tokenizer(tokenizer, self.data_dir / "tokenizer").resolve())
         self.tokenizer_dir = tokenizer_dir
-        self._linear_names = sorted({p.rsplit(".", 1)[-1] for p in self.fleet.target_paths(AdapterConfig())})
+        self._linear_names = self.fleet.linear_names
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s)
         self.scheduler.start()
@@ -338,7 +338,7 @@ class Service:
             def fn(fleet):
                 fleet.load_state(m.adapter, d)
                 if not optimizer:
-                    reset_optimizer(fleet, m.adapter)
+                    fleet.reset_optimizer(m.adapter)
                 return {"type": "load_weights", "path": path, "model_id": m.model_id}
 
             return self._submit_model_op(tenant, m, seq, "load_weights", fn)
@@ -369,7 +369,7 @@ class Service:
                 m.closed = True
                 raise UserError(str(e)) from None
             if not optimizer:
-                reset_optimizer(fleet, m.adapter)
+                fleet.reset_optimizer(m.adapter)
             self.scheduler.open_model(model_id)
             return {"type": "load_weights", "path": path, "model_id": model_id}
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..engine import OptimConfig, SampleRequest, SamplingParams
-from ..engine.optim import AdamState
 from ..types import Example
 from . import protocol
 from .futures import Failure, FutureStore, Result
@@ -385,9 +384,4 @@ def optim_config(adam: dict) -> OptimConfig:
                        betas=(float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95))),
                        eps=float(adam.get("eps", 1e-12)), weight_decay=float(adam.get("weight_decay", 0.0)),
                        grad_clip_norm=clip if clip > 0 else None)
-
-
-def reset_optimizer(fleet, adapter: str) -> None:
-    st = fleet.train_state(adapter)
-    st.adam = AdamState()
 
