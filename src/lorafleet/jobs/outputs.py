@@ -114,8 +114,9 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
+            # leave=False: a finished bar clears itself; the job logs a finish line in its place
             self.bars[name] = tqdm(total=total, initial=done, desc=f"{name:>10s}", position=position,
-                                   leave=True, file=self.stream, dynamic_ncols=True)
+                                   leave=False, file=self.stream, dynamic_ncols=True)
 
     def update(self, name: str, step: int, total: int, value: float, tok_s: float, label: str = "loss"):
         bar = self.bars.get(name)
@@ -124,6 +125,15 @@ class Progress:
             bar.set_postfix_str(f"{label} {value:.4f} {tok_s:,.0f} tok/s")
         elif step % self.every == 0 or step == total:
             print(f"[{name}] step {step}/{total} {label} {value:.4f} {tok_s:,.0f} tok/s", file=self.stream, flush=True)
+
+    def write(self, message: str) -> None:
+        """Print a log line without tearing the live bars (tqdm clears and redraws them)."""
+        if self.tty:  # tqdm also repositions the cursor after a bar that just cleared itself
+            from tqdm import tqdm
+
+            tqdm.write(message, file=self.stream)
+        else:
+            print(message, flush=True)
 
     def finish(self, name: str):
         bar = self.bars.pop(name, None)

@@ -44,10 +44,11 @@ class AdapterRun:
 
 
 class TrainJob:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool | None = None, log=print):
-        self.cfg, self.resume, self.log = cfg, resume, log
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool | None = None, log=None):
+        self.cfg, self.resume = cfg, resume
         self.run_dir = Path(cfg.run_dir)  # relative to the working directory, like every CLI path
         self.progress = Progress(progress)
+        self.log = log or self.progress.write
         self.config_hash = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------- set-up
@@ -190,12 +191,13 @@ class TrainJob:
 
     def _finish(self, name):
         self.fleet.save_adapter(name, self.run_dir / name / "final", format="peft")
+        # log while the bar is still alive, so tqdm redraws the bars around the line
+        self.log(f"[{name}] finished: PEFT adapter in {self.run_dir / name / 'final'}")
         self.progress.finish(name)
         self.logs.pop(name).close()
         self.fleet.remove_adapter(name)
         del self.active[name], self.cursors[name]
         self.finished.append(name)
-        self.log(f"[{name}] finished: PEFT adapter in {self.run_dir / name / 'final'}")
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self):
