@@ -87,25 +87,14 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
     app.state.service = service
     limit = service.config.max_body_bytes
 
-    @app.exception_handler(AuthError)
-    async def _auth(_, e):
-        return _err(401, str(e))
+    def status_handler(status: int):
+        async def handler(_, e):
+            return _err(status, str(e))
 
-    @app.exception_handler(NotFound)
-    async def _nf(_, e):
-        return _err(404, str(e))
+        return handler
 
-    @app.exception_handler(Invalid)
-    async def _inv(_, e):
-        return _err(400, str(e))
-
-    @app.exception_handler(ProtocolError)
-    async def _proto(_, e):
-        return _err(400, str(e))
-
-    @app.exception_handler(UserError)
-    async def _user(_, e):
-        return _err(400, str(e))
+    for exc, status in ((AuthError, 401), (NotFound, 404), (Invalid, 400), (ProtocolError, 400), (UserError, 400)):
+        app.add_exception_handler(exc, status_handler(status))
 
     @app.exception_handler(_TooLarge)
     async def _large(_, e):

@@ -179,20 +179,25 @@ class Service:
         m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, cfg.rank,
                   dict(lora))
         self.store.add_model(m)
+        return self._open_in_slot(m, lambda fleet: fleet.add_adapter(m.adapter, cfg),
+                                  {"model_id": model_id, "type": "create_model"})
 
+    def _open_in_slot(self, m: Model, put, result: dict) -> dict:
+        """Queue the op that frees a slot, puts ``m``'s adapter there with ``put(fleet)`` and opens
+        the model; if that fails the model is closed and the client gets a user error."""
         def fn(fleet):
             try:
                 self.scheduler.make_room()
-                fleet.add_adapter(m.adapter, cfg)
+                put(fleet)
             except ValueError as e:
                 m.closed = True
                 raise UserError(str(e)) from None
-            self.scheduler.open_model(model_id)
-            return {"model_id": model_id, "type": "create_model"}
+            self.scheduler.open_model(m.model_id)
+            return result
 
-        rid = self._future(tenant, "create_model")
-        self.scheduler.submit(Op(rid, tenant, "control", fn))
-        return {"request_id": rid, "model_id": model_id}
+        rid = self._future(m.tenant, result["type"])
+        self.scheduler.submit(Op(rid, m.tenant, "control", fn))
+        return {"request_id": rid, "model_id": m.model_id}
 
     def get_info(self, tenant: str, body: dict) -> dict:
         m = self.store.get_model(str(body.get("model_id")), tenant)
@@ -361,21 +366,12 @@ class Service:
         m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, rank, lora)
         self.store.add_model(m)
 
-        def fn(fleet):
-            try:
-                self.scheduler.make_room()
-                fleet.load_state(m.adapter, d)
-            except ValueError as e:
-                m.closed = True
-                raise UserError(str(e)) from None
+        def put(fleet):
+            fleet.load_state(m.adapter, d)
             if not optimizer:
                 fleet.reset_optimizer(m.adapter)
-            self.scheduler.open_model(model_id)
-            return {"type": "load_weights", "path": path, "model_id": model_id}
 
-        rid = self._future(tenant, "load_weights")
-        self.scheduler.submit(Op(rid, tenant, "control", fn))
-        return {"request_id": rid, "model_id": model_id}
+        return self._open_in_slot(m, put, {"type": "load_weights", "path": path, "model_id": model_id})
 
     # ------------------------------------------------------------------ sampling
     def _register_loader(self, s: Sampler):
