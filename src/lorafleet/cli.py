@@ -41,7 +41,39 @@ def _serve(args) -> int:
     from .service.server import serve
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
-          max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias)
+          max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
+          dataset_roots=args.dataset_root, store=args.store)
+    return 0
+
+
+def _jobs(args) -> int:
+    """submit / status / cancel / download: a thin client of a running `lorafleet serve`."""
+    import json
+
+    from .client import JobClient, format_jobs
+
+    c = JobClient(args.url, args.api_key)
+    if args.command == "submit":
+        j = c.submit(args.job_file, server_paths=args.server_paths)
+        print(f"submitted {j['job_id']} ({j['name']}, {j['total_steps']} steps): {j['status']}")
+    elif args.command == "status" and args.job_id is None:
+        print(format_jobs(c.list()))
+    elif args.command == "status":
+        j = c.status(args.job_id)
+        if args.json:
+            print(json.dumps(j, indent=1))
+        else:
+            metrics = j.pop("metrics")
+            print(format_jobs([dict(j, last_loss=next((m["loss"] for m in reversed(metrics) if "loss" in m), None))]))
+            if j["error"]:
+                print(f"error: {j['error']}")
+            for m in metrics[-args.last:]:
+                print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in m.items() if k != "time"))
+    elif args.command == "cancel":
+        print(f"{args.job_id}: {c.cancel(args.job_id)['status']}")
+    else:
+        print(c.download(args.job_id, args.out))
     return 0
 
 
@@ -72,7 +104,31 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-rank", type=int, default=64)
     s.add_argument("--alias", action="append", default=[], help="another base_model name to accept (repeatable)")
     s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--dataset-root", action="append", default=[],
+                   help="a directory jobs may read server-side datasets from (repeatable; default: none)")
+    s.add_argument("--store", choices=("sqlite", "memory"), default="sqlite",
+                   help="where sessions, jobs and metrics live (default: DATA_DIR/lorafleet.db)")
     s.set_defaults(fn=_serve)
+    jobs = {"submit": "submit an adapter job to a running `lorafleet serve`",
+            "status": "list your jobs, or show one job's status and metrics",
+            "cancel": "cancel a queued or running job",
+            "download": "download a finished job's PEFT adapter as a .tar.gz"}
+    for name, help_ in jobs.items():
+        j = sub.add_parser(name, help=help_)
+        if name == "submit":
+            j.add_argument("job_file", help="YAML: one adapter's fields of a train config (see examples/job_rev.yaml)")
+            j.add_argument("--server-paths", action="store_true",
+                           help="send data paths for the server to read instead of uploading the files")
+        else:
+            j.add_argument("job_id", nargs="?" if name == "status" else None)
+        if name == "status":
+            j.add_argument("--json", action="store_true", help="the whole record with every metric, as JSON")
+            j.add_argument("--last", type=int, default=5, help="metric records to show (default 5)")
+        if name == "download":
+            j.add_argument("-o", "--out", help="archive path (default: <job_id>.tar.gz)")
+        j.add_argument("--url", help="the server (default: $LORAFLEET_URL or http://127.0.0.1:8000)")
+        j.add_argument("--api-key", help="your key (default: $LORAFLEET_API_KEY)")
+        j.set_defaults(fn=_jobs)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

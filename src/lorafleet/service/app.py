@@ -1,7 +1,8 @@
 """FastAPI app speaking the Tinker protocol (see docs/service.md), over a `Service`.
 
 Every error is JSON: 401 for a missing/bad key, 404 for ids the caller cannot see (another
-tenant's ids included), 400 for malformed requests, 413 for bodies over the limit. A failed
+tenant's ids included), 400 for malformed requests, 413 for bodies over the limit, 410 for a
+request a previous server process accepted but never finished (the SDK retries on 410). A failed
 *operation* (found while running it) is reported through its future as
 ``{"error", "category"}``, as the SDK expects.
 """
@@ -13,12 +14,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Authenticator, AuthError
 from .core import Service
-from .futures import Failure
+from .futures import Failure, Lost
 from .protocol import ProtocolError
 from .scheduler import UserError
 from .store import Invalid, NotFound
@@ -93,7 +94,8 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
 
         return handler
 
-    for exc, status in ((AuthError, 401), (NotFound, 404), (Invalid, 400), (ProtocolError, 400), (UserError, 400)):
+    for exc, status in ((AuthError, 401), (NotFound, 404), (Invalid, 400), (ProtocolError, 400), (UserError, 400),
+                        (Lost, 410)):
         app.add_exception_handler(exc, status_handler(status))
 
     @app.exception_handler(_TooLarge)
@@ -241,6 +243,31 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         if out.body is not None:
             return Response(out.body, media_type=out.content_type)
         return out.json
+
+    # ---------------------------------------------------------------- jobs (lorafleet submit / status ...)
+    jobs = service.jobs
+
+    @app.post(f"{API}/jobs")
+    async def submit_job(request: Request):
+        t = tenant_of(request)
+        return jobs.submit(t, await body_json(request))
+
+    @app.get(f"{API}/jobs")
+    async def list_jobs(request: Request):
+        return jobs.list(tenant_of(request))
+
+    @app.get(f"{API}/jobs/{{job_id}}")
+    async def job_status(job_id: str, request: Request):
+        return jobs.status(tenant_of(request), job_id)
+
+    @app.post(f"{API}/jobs/{{job_id}}/cancel")
+    async def cancel_job(job_id: str, request: Request):
+        return jobs.cancel(tenant_of(request), job_id)
+
+    @app.get(f"{API}/jobs/{{job_id}}/download")
+    async def download_job(job_id: str, request: Request):
+        path = jobs.archive(tenant_of(request), job_id)
+        return FileResponse(path, media_type="application/gzip", filename=f"{job_id}.tar.gz")
 
     @app.post(f"{API}/cancel_future")
     async def cancel_future(request: Request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 import uuid
@@ -16,6 +17,9 @@ from ..engine import Fleet, SamplingParams
 from . import protocol
 from .futures import FutureStore
 from .scheduler import Op, Scheduler, UserError, optim_config
+from .jobs import JobRunner
+from .recovery import recover
+from .sqlite_store import SQLiteStore
 from .store import Checkpoints, InMemoryStore, Invalid, Model, NotFound, Sampler, Session, Store, check_name
 
 log = logging.getLogger("lorafleet.service")
@@ -40,6 +44,9 @@ class ServiceConfig:
     gap_timeout_s: float = 30.0
     client_config: dict = field(default_factory=dict)  # SDK feature flags sent by client/config
     session_timeout_s: float = 300.0  # a session without heartbeats this long is finished (0: never)
+    store: str = "sqlite"  # "sqlite" (DATA_DIR/lorafleet.db, survives restarts) or "memory"
+    dataset_roots: list[str] = field(default_factory=list)  # where jobs may read server-side datasets
+    job_checkpoint_every: int = 50  # default optimizer steps between a job's resume checkpoints
 
 
 class Service:
@@ -51,10 +58,14 @@ class Service:
         self.fleet.tokenizer = tokenizer
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.arch = str(getattr(model.config, "model_type", "unknown"))
-        self.store = store or InMemoryStore()
-        self.futures = FutureStore()
         self.data_dir = Path(self.config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if store is None:
+            if self.config.store not in ("sqlite", "memory"):
+                raise ValueError(f"store must be 'sqlite' or 'memory', got {self.config.store!r}")
+            store = SQLiteStore(self.data_dir / "lorafleet.db") if self.config.store == "sqlite" else InMemoryStore()
+        self.store = store
+        self.futures = FutureStore(journal=self.store)
         self.checkpoints = Checkpoints(self.data_dir)
         if tokenizer_dir is None and tokenizer is not None:
             from ..data.tokenizer import save_tokenizer
@@ -64,14 +75,19 @@ class Service:
         self._linear_names = self.fleet.linear_names
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s)
+        self.recovered = recover(self)
+        self.jobs = JobRunner(self)
         self.scheduler.start()
+        self.jobs.start()
         self._closing = threading.Event()
         if self.config.session_timeout_s:
             threading.Thread(target=self._reap, name="lorafleet-reaper", daemon=True).start()
 
     def close(self):
         self._closing.set()
+        self.jobs.stop()
         self.scheduler.stop()
+        self.store.close()
 
     def _reap(self):
         """Finish sessions whose client stopped sending heartbeats (frees their slots)."""
@@ -122,8 +138,8 @@ class Service:
     def adapter_name(tenant: str, model_id: str) -> str:
         return f"{tenant}/{model_id}"
 
-    def _future(self, tenant: str, kind: str) -> str:
-        return self.futures.create(tenant, kind)
+    def _future(self, tenant: str, kind: str, model_id: str | None = None, seq_id: int | None = None) -> str:
+        return self.futures.create(tenant, kind, model_id, seq_id)
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, tenant: str, body: dict) -> dict:
@@ -134,16 +150,19 @@ class Service:
     def heartbeat(self, tenant: str, body: dict) -> dict:
         s = self.store.get_session(str(body.get("session_id")), tenant)
         s.last_seen = time.time()
+        self.store.update(s)
         return {"type": "session_heartbeat"}
 
     def finish_session(self, tenant: str, session_id: str) -> str:
         """Close the session's models (freeing their slots); returns the request id to wait on."""
         s = self.store.get_session(session_id, tenant)
         s.finished = True
+        self.store.update(s)
         models = [m for m in self.store.models_of_session(session_id) if not m.closed]
-        samplers = [x for x in self.store.samplers_of_session(session_id) if x.source and x.source[0] == "weights"]
+        samplers = [x for x in self.store.samplers_of_session(session_id) if x.ephemeral]
         for m in models:
             m.closed = True
+            self.store.update(m)
 
         def fn(fleet):
             for m in models:
@@ -153,6 +172,8 @@ class Service:
             for x in samplers:
                 if x.adapter_key:
                     self.scheduler.drop_sampler_adapter(x.adapter_key)
+                if x.source and x.source[0] == "peft":
+                    shutil.rmtree(x.source[1], ignore_errors=True)
             return {}
 
         rid = self._future(tenant, "finish")
@@ -191,6 +212,7 @@ class Service:
                 put(fleet)
             except ValueError as e:
                 m.closed = True
+                self.store.update(m)
                 raise UserError(str(e)) from None
             self.scheduler.open_model(m.model_id)
             return result
@@ -204,16 +226,27 @@ class Service:
         return {"type": "get_info", "model_id": m.model_id, "is_lora": True, "lora_rank": m.rank,
                 "model_data": {"arch": self.arch, "model_name": m.base_model, "tokenizer_id": self.tokenizer_dir}}
 
-    def _model_for(self, tenant: str, body: dict) -> tuple[Model, int]:
+    def _model_for(self, tenant: str, body: dict, allow_lost: bool = False) -> tuple[Model, int]:
         m = self.store.get_model(str(body.get("model_id")), tenant)
         seq = body.get("seq_id")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             raise Invalid(f"seq_id must be an integer >= 1, got {seq!r}")
+        if not allow_lost:
+            self._check_not_lost(m, seq)
         return m, seq
+
+    def _check_not_lost(self, m: Model, seq: int | None) -> None:
+        if m.lost is None:
+            return
+        self.scheduler.skip(m.model_id, seq)
+        where = (f"its last checkpoint is {m.lost}: call load_state({m.lost!r}) on this training client "
+                 "(or create_training_client_from_state) to continue from it" if m.lost else
+                 "it never saved a checkpoint: create a new training client")
+        raise Invalid(f"model {m.model_id} lost its unsaved training state when the server restarted; {where}")
 
     def _submit_model_op(self, tenant, m: Model, seq: int, kind: str, fn) -> dict:
         self.scheduler.check_seq(m.model_id, seq)
-        rid = self._future(tenant, kind)
+        rid = self._future(tenant, kind, m.model_id, seq)
         self.scheduler.submit(Op(rid, tenant, "control", fn, model_id=m.model_id, seq_id=seq))
         return {"request_id": rid, "model_id": m.model_id}
 
@@ -229,6 +262,7 @@ class Service:
                     pass
             raise
         m = self.store.get_model(req.model_id, tenant)
+        self._check_not_lost(m, req.seq_id)
         try:
             if req.seq_id < 1:
                 raise Invalid(f"seq_id must be >= 1, got {req.seq_id}")
@@ -246,7 +280,7 @@ class Service:
         except (Invalid, ValueError, UserError) as e:
             self.scheduler.skip(m.model_id, req.seq_id)
             raise Invalid(str(e)) from None
-        rid = self._future(tenant, "forward" if req.forward_only else "forward_backward")
+        rid = self._future(tenant, "forward" if req.forward_only else "forward_backward", m.model_id, req.seq_id)
         group = (req.loss_fn, tuple(sorted(cfg.items())), req.forward_only)
         self.scheduler.submit(Op(rid, tenant, "fwdbwd", model_id=m.model_id, seq_id=req.seq_id,
                                  examples=examples, group=group))
@@ -295,7 +329,9 @@ class Service:
             fleet.save_state(m.adapter, d, extra={"model_id": m.model_id, "base_model": m.base_model,
                                                   "lora_config": m.lora_config,
                                                   "user_metadata": body.get("user_metadata")})
-            return {"type": "save_weights", "path": self.checkpoints.tinker_path(m.model_id, "weights", name)}
+            path = self.checkpoints.tinker_path(m.model_id, "weights", name)
+            self.store.add_checkpoint(tenant, path, m.model_id, "weights", str(d))
+            return {"type": "save_weights", "path": path}
 
         return self._submit_model_op(tenant, m, seq, "save_weights", fn)
 
@@ -318,11 +354,16 @@ class Service:
         def fn(fleet):
             if name is not None:
                 fleet.save_adapter(m.adapter, d)
-                return {"path": self.checkpoints.tinker_path(m.model_id, "sampler_weights", name),
-                        "type": "save_weights_for_sampler"}
+                path = self.checkpoints.tinker_path(m.model_id, "sampler_weights", name)
+                self.store.add_checkpoint(tenant, path, m.model_id, "sampler_weights", str(d))
+                return {"path": path, "type": "save_weights_for_sampler"}
             s = self.store.get_sampler(sampler_id, tenant)
-            s.source = ("weights", fleet.get_adapter_weights(m.adapter))
+            # on disk (not in memory) so the sampler survives a restart; removed with its session
+            d_eph = self.checkpoints.ephemeral_dir(tenant, sampler_id)
+            fleet.save_adapter(m.adapter, d_eph)
+            s.source, s.ephemeral = ("peft", str(d_eph)), True
             s.adapter_key = f"{tenant}/{sampler_id}"
+            self.store.update(s)
             self._register_loader(s)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
@@ -331,7 +372,7 @@ class Service:
     def load_weights(self, tenant: str, body: dict) -> dict:
         path, optimizer = body.get("path"), bool(body.get("optimizer", False))
         if body.get("model_id") is not None:  # into an existing model, in seq order
-            m, seq = self._model_for(tenant, body)
+            m, seq = self._model_for(tenant, body, allow_lost=True)
             try:
                 kind, d = self.checkpoints.resolve(tenant, path)
                 if kind != "weights":
@@ -341,9 +382,17 @@ class Service:
                 raise
 
             def fn(fleet):
+                if m.adapter not in fleet.adapters:  # a model restored after a restart has no slot yet
+                    try:
+                        self.scheduler.make_room()
+                    except ValueError as e:
+                        raise UserError(str(e)) from None
                 fleet.load_state(m.adapter, d)
                 if not optimizer:
                     fleet.reset_optimizer(m.adapter)
+                if m.lost is not None:
+                    m.lost = None
+                    self.store.update(m)
                 return {"type": "load_weights", "path": path, "model_id": m.model_id}
 
             return self._submit_model_op(tenant, m, seq, "load_weights", fn)
@@ -378,9 +427,7 @@ class Service:
         src = s.source
 
         def loader(fleet, adapter):
-            if src[0] == "weights":
-                fleet.add_adapter_from_weights(adapter, src[1])
-            elif src[0] == "peft":
+            if src[0] == "peft":
                 fleet.load_adapter(adapter, src[1])
             else:
                 fleet.load_state(adapter, src[1])
@@ -415,6 +462,9 @@ class Service:
             s = self.store.get_sampler(str(body["sampling_session_id"]), tenant)
             if s.source is not None and s.source[0] == "pending":
                 raise Invalid(f"sampling session {s.sampler_id!r} is not ready yet")
+            if s.source is not None and s.source[0] == "lost":
+                raise Invalid(f"sampling session {s.sampler_id!r} lost its weights: the server restarted while "
+                              "saving them; save them again")
             adapter = s.adapter_key
         elif body.get("model_path") is not None:
             kind, d = self.checkpoints.resolve(tenant, body["model_path"])

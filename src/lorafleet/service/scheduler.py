@@ -49,6 +49,7 @@ class Op:
     # fwdbwd
     examples: list[Example] | None = None
     group: tuple | None = None
+    raw: bool = False  # result as JSON metrics, not the protocol's protobuf (the service's jobs)
     # sample
     sample: dict | None = None
     t: float = field(default_factory=time.monotonic)
@@ -271,6 +272,8 @@ class Scheduler:
         losses = res.losses[off:off + n]
         metrics = {"loss:sum": float(sum(losses)),
                    "num_tokens:sum": float(sum(sum(1 for w in e.weights if w != 0) for e in op.examples))}
+        if op.raw:
+            return Result(json=dict(metrics, input_tokens=sum(len(e.input_tokens) for e in op.examples)))
         return Result(body=protocol.encode_forward_backward_output(lps, metrics),
                       content_type=protocol.PROTO_CONTENT_TYPE)
 
@@ -300,6 +303,10 @@ class Scheduler:
                                 "clients (their sessions) or samplers and retry")
             fleet.remove_adapter(victim)
             del self._sampler_lru[victim]
+
+    def has_room(self) -> bool:
+        """Whether `make_room` can free a slot now (read from any thread: a hint, not a promise)."""
+        return len(self.fleet.adapters) < self.fleet.max_adapters or bool(self._sampler_lru)
 
     def drop_sampler_adapter(self, adapter: str):
         self._sampler_loaders.pop(adapter, None)

@@ -80,14 +80,15 @@ class ServerThread:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
           api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
-          aliases: list[str] | None = None) -> None:
+          aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite") -> None:
     import uvicorn
 
     keys = load_keys(api_keys)
     if not keys and not is_loopback(host):
         raise ValueError(f"no API keys configured (--api-keys FILE or LORAFLEET_API_KEYS): refusing to serve on "
                          f"non-loopback address {host!r}")
-    cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []))
+    cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []),
+                        dataset_roots=list(dataset_roots or []), store=store)
     service = build_service(base, cfg)
     app, _ = make_app(service, keys=keys)
     if keys:
@@ -97,6 +98,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-
               "(any key starting with 'tml-' works)")
     print(f"lorafleet serve: base {service.base_name!r}, {cfg.max_adapters} slots (max rank {cfg.max_rank}), "
           f"data in {cfg.data_dir}; listening on http://{host}:{port}")
+    rec = service.recovered
+    if any(rec.values()):
+        print(f"lorafleet serve: recovered {rec['sessions']} open session(s), {rec['models']} training model(s) "
+              f"(restore them with load_state), {sum(j.status == 'queued' for j in service.store.jobs())} queued "
+              f"job(s); {rec['lost_requests']} unfinished request(s) marked lost")
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
     finally:

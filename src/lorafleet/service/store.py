@@ -1,6 +1,10 @@
-"""Service bookkeeping: sessions, training models, samplers (the `Store` interface, kept in
-memory for now; a durable SQLite store can implement the same interface later), and the
-checkpoint storage layout on disk.
+"""Service bookkeeping: sessions, training models, samplers, checkpoints, jobs and their
+metrics, and the journal of requests (the `Store` interface; `InMemoryStore` keeps it in
+memory, `sqlite_store.SQLiteStore` — the server's default — also writes it through to SQLite),
+plus the checkpoint storage layout on disk.
+
+Records are plain dataclasses the service mutates in place; it calls ``store.update(record)``
+after a change that must survive a restart.
 
 Checkpoints live under ``DATA_DIR/tenants/<tenant>/runs/<model_id>/{weights|sampler_weights}/<name>``
 and are named to clients as ``tinker://<model_id>/{weights|sampler_weights}/<name>``. A path is
@@ -47,6 +51,9 @@ class Model:
     rank: int
     lora_config: dict = field(default_factory=dict)
     closed: bool = False
+    # set when a restart lost the training state the model had in memory: the path of its last
+    # checkpoint (or "" if it never saved one); cleared by load_state
+    lost: str | None = None
 
 
 @dataclass
@@ -56,12 +63,61 @@ class Sampler:
     session_id: str
     base_model: str
     model_path: str | None = None
-    source: tuple | None = None  # None: base model; ("peft"|"state", dir) or ("weights", AdapterWeights)
+    # None: the base model; ("peft" | "state", dir): weights on disk; ("pending",): being saved;
+    # ("lost",): a restart interrupted the save
+    source: tuple | None = None
     adapter_key: str | None = None  # fleet adapter name once loaded (shared by samplers of one path)
+    ephemeral: bool = False  # weights saved for this sampler only (deleted with its session)
+
+
+@dataclass
+class Job:
+    """A fire-and-forget adapter training job (see service/jobs.py)."""
+
+    job_id: str
+    tenant: str
+    name: str
+    spec: dict  # AdapterJob fields + max_length / overflow / checkpoint_every / data files
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    checkpoint: str | None = None  # directory of the last resume checkpoint
+    export: str | None = None  # directory of the final PEFT export
+    cancel: bool = False
+    resumed_from: list[int] = field(default_factory=list)  # checkpoint steps it resumed from after restarts
+
+    FINAL = ("succeeded", "failed", "cancelled")
+
+    def public(self) -> dict:
+        return {"job_id": self.job_id, "name": self.name, "status": self.status, "step": self.step,
+                "total_steps": self.total_steps, "created": self.created, "started": self.started,
+                "finished": self.finished, "error": self.error, "adapter": self.spec.get("adapter"),
+                "resumed_from": self.resumed_from, "downloadable": self.export is not None}
+
+
+@dataclass
+class RequestRecord:
+    """The journal entry of one request: pending, then its outcome (kept after a restart)."""
+
+    request_id: str
+    tenant: str
+    kind: str
+    model_id: str | None = None
+    seq_id: int | None = None
+    status: str = "pending"  # pending | done | failed
+    body: bytes | None = None  # done: JSON text or protobuf bytes
+    content_type: str | None = None
+    error: str | None = None
+    category: str | None = None
+    created: float = field(default_factory=time.time)
 
 
 class Store:
-    """What the service remembers about sessions, models and samplers."""
+    """What the service remembers (see the module docstring)."""
 
     def add_session(self, s: Session) -> None: raise NotImplementedError
     def get_session(self, session_id: str, tenant: str) -> Session: raise NotImplementedError
@@ -72,14 +128,36 @@ class Store:
     def add_sampler(self, s: Sampler) -> None: raise NotImplementedError
     def get_sampler(self, sampler_id: str, tenant: str) -> Sampler: raise NotImplementedError
     def samplers_of_session(self, session_id: str) -> list[Sampler]: raise NotImplementedError
+    def models(self) -> list[Model]: raise NotImplementedError
+    def samplers(self) -> list[Sampler]: raise NotImplementedError
+    def update(self, record) -> None: raise NotImplementedError
+    def add_checkpoint(self, tenant: str, path: str, model_id: str, kind: str, directory: str) -> None:
+        raise NotImplementedError
+    def last_checkpoint(self, model_id: str, kind: str = "weights") -> str | None: raise NotImplementedError
+    def add_job(self, j: Job) -> None: raise NotImplementedError
+    def get_job(self, job_id: str, tenant: str) -> Job: raise NotImplementedError
+    def jobs(self, tenant: str | None = None) -> list[Job]: raise NotImplementedError
+    def add_metric(self, job_id: str, record: dict) -> None: raise NotImplementedError
+    def metrics(self, job_id: str) -> list[dict]: raise NotImplementedError
+    def add_request(self, r: RequestRecord) -> None: raise NotImplementedError
+    def finish_request(self, r: RequestRecord) -> None: raise NotImplementedError
+    def get_request(self, request_id: str) -> RequestRecord | None: raise NotImplementedError
+    def purge_requests(self, older_than: float) -> None: raise NotImplementedError
+    def max_seq(self, model_id: str) -> int: raise NotImplementedError
+    def fail_pending(self, message: str) -> int: raise NotImplementedError
+    def truncate_metrics(self, job_id: str, keep: int) -> None: raise NotImplementedError
+    def close(self) -> None: pass
 
 
 class InMemoryStore(Store):
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._sessions: dict[str, Session] = {}
         self._models: dict[str, Model] = {}
         self._samplers: dict[str, Sampler] = {}
+        self._checkpoints: list[tuple[str, str, str, str, str, float]] = []  # tenant, path, model, kind, dir, t
+        self._jobs: dict[str, Job] = {}
+        self._metrics: dict[str, list[dict]] = {}
 
     def add_session(self, s):
         with self._lock:
@@ -136,6 +214,73 @@ class InMemoryStore(Store):
         with self._lock:
             return [s for s in self._samplers.values() if s.session_id == session_id]
 
+    def models(self):
+        with self._lock:
+            return list(self._models.values())
+
+    def samplers(self):
+        with self._lock:
+            return list(self._samplers.values())
+
+    def update(self, record):
+        pass  # records are live objects; a durable store writes them through here
+
+    def add_checkpoint(self, tenant, path, model_id, kind, directory):
+        with self._lock:
+            self._checkpoints = [c for c in self._checkpoints if c[1] != path or c[0] != tenant]
+            self._checkpoints.append((tenant, path, model_id, kind, directory, time.time()))
+
+    def last_checkpoint(self, model_id, kind="weights"):
+        with self._lock:
+            hits = [c for c in self._checkpoints if c[2] == model_id and c[3] == kind]
+        return hits[-1][1] if hits else None
+
+    def add_job(self, j):
+        with self._lock:
+            self._jobs[j.job_id] = j
+
+    def get_job(self, job_id, tenant):
+        with self._lock:
+            j = self._jobs.get(job_id)
+        if j is None or j.tenant != tenant:
+            raise NotFound(f"unknown job {job_id!r}")
+        return j
+
+    def jobs(self, tenant=None):
+        with self._lock:
+            return [j for j in self._jobs.values() if tenant is None or j.tenant == tenant]
+
+    def add_metric(self, job_id, record):
+        with self._lock:
+            self._metrics.setdefault(job_id, []).append(dict(record))
+
+    def metrics(self, job_id):
+        with self._lock:
+            return [dict(r) for r in self._metrics.get(job_id, [])]
+
+    # the request journal only matters across restarts, which an in-memory store does not survive
+    def add_request(self, r):
+        pass
+
+    def finish_request(self, r):
+        pass
+
+    def get_request(self, request_id):
+        return None
+
+    def purge_requests(self, older_than):
+        pass
+
+    def max_seq(self, model_id):
+        return 0
+
+    def fail_pending(self, message):
+        return 0
+
+    def truncate_metrics(self, job_id, keep):
+        with self._lock:
+            self._metrics[job_id] = self._metrics.get(job_id, [])[:keep]
+
 
 # ------------------------------------------------------------------ checkpoint storage
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -175,6 +320,10 @@ class Checkpoints:
         if not d.is_relative_to(self.root / tenant):
             raise Invalid(f"checkpoint name {name!r} escapes the storage root")
         return d
+
+    def ephemeral_dir(self, tenant: str, sampler_id: str) -> Path:
+        """Where a sampler's own weights (save_weights_for_sampler without a name) live."""
+        return self.root / tenant / "ephemeral" / sampler_id.replace(":", "_")
 
     def tinker_path(self, model_id: str, kind: str, name: str) -> str:
         return f"tinker://{model_id}/{kind}/{name}"
