@@ -239,9 +239,9 @@ class Service:
         if m.lost is None:
             return
         self.scheduler.skip(m.model_id, seq)
-        where = (f"its last checkpoint is {m.lost}: call load_state({m.lost!r}) on this training client "
-                 "(or create_training_client_from_state) to continue from it" if m.lost else
-                 "it never saved a checkpoint: create a new training client")
+        where = (f"its last checkpoint is {m.lost}: continue from it with "
+                 f"create_training_client_from_state_with_optimizer({m.lost!r}) (or load_state on this "
+                 "training client)" if m.lost else "it never saved a checkpoint: create a new training client")
         raise Invalid(f"model {m.model_id} lost its unsaved training state when the server restarted; {where}")
 
     def _submit_model_op(self, tenant, m: Model, seq: int, kind: str, fn) -> dict:
