@@ -131,7 +131,7 @@ def test_kill_9_and_restart(tmp_path, procs):
     b = tc2.forward_backward(data, "cross_entropy").result(T).metrics["loss:sum"]
     assert abs(a - b) <= 1e-5 * abs(b)
     # sampler weights saved before the crash still sample
-    out = sc2.create_sampling_client(model_path=wpath).sample(
+    out = sc2.create_sampling_client(model_path=wpath).result(T).sample(
         types.ModelInput.from_ints(tok.encode("rev: ab =")), num_samples=2,
         sampling_params=types.SamplingParams(max_tokens=4)).result(T)
     assert len(out.sequences) == 2

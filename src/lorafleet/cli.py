@@ -42,7 +42,8 @@ def _serve(args) -> int:
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
           max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
-          dataset_roots=args.dataset_root, store=args.store)
+          dataset_roots=args.dataset_root, store=args.store,
+          cross_tenant_batching=not args.one_tenant_per_step)
     return 0
 
 
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a directory jobs may read server-side datasets from (repeatable; default: none)")
     s.add_argument("--store", choices=("sqlite", "memory"), default="sqlite",
                    help="where sessions, jobs and metrics live (default: DATA_DIR/lorafleet.db)")
+    s.add_argument("--one-tenant-per-step", action="store_true",
+                   help="turn cross-tenant batching off (time-sharing; only for comparisons, see bench/)")
     s.set_defaults(fn=_serve)
     jobs = {"submit": "submit an adapter job to a running `lorafleet serve`",
             "status": "list your jobs, or show one job's status and metrics",

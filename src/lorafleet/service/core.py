@@ -47,6 +47,7 @@ class ServiceConfig:
     store: str = "sqlite"  # "sqlite" (DATA_DIR/lorafleet.db, survives restarts) or "memory"
     dataset_roots: list[str] = field(default_factory=list)  # where jobs may read server-side datasets
     job_checkpoint_every: int = 50  # default optimizer steps between a job's resume checkpoints
+    cross_tenant_batching: bool = True  # False: one model per step (only to measure what batching buys)
 
 
 class Service:
@@ -74,7 +75,8 @@ class Service:
         self.tokenizer_dir = tokenizer_dir
         self._linear_names = self.fleet.linear_names
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
-                                   gap_timeout_s=self.config.gap_timeout_s)
+                                   gap_timeout_s=self.config.gap_timeout_s,
+                                   cross_model_batching=self.config.cross_tenant_batching)
         self.recovered = recover(self)
         self.jobs = JobRunner(self)
         self.scheduler.start()

@@ -64,8 +64,11 @@ class _ModelQueue:
 
 class Scheduler:
     def __init__(self, fleet, futures: FutureStore, *, batch_window_s: float = 0.005,
-                 gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None):
+                 gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None, cross_model_batching: bool = True):
         self.fleet = fleet
+        # False: one model per forward_backward and one adapter per sampling call (time-sharing,
+        # as Twinkle does) — kept only so bench/bench_service.py can show what batching buys
+        self.cross_model_batching = cross_model_batching
         self.futures = futures
         self.batch_window_s = batch_window_s
         self.gap_timeout_s = gap_timeout_s
@@ -224,9 +227,9 @@ class Scheduler:
             self._run_one(op, lambda op=op: op.fn(self.fleet))
         groups: dict[tuple, list[Op]] = {}
         for op in fwd:
-            groups.setdefault(op.group, []).append(op)
-        for group, ops in groups.items():
-            self._run_fwdbwd(group, ops)
+            groups.setdefault(op.group if self.cross_model_batching else (op.group, op.model_id), []).append(op)
+        for ops in groups.values():
+            self._run_fwdbwd(ops[0].group, ops)
         if samples:
             self._run_samples(samples)
 
@@ -352,6 +355,8 @@ class Scheduler:
             key = (p.max_tokens, p.temperature, p.top_p, p.top_k, tuple(map(repr, p.stop or [])), p.stop_on_eos, p.seed)
             if p.seed is not None and p.temperature > 0:
                 key = key + (op.rid,)  # a seeded request runs alone: reproducible whatever is queued
+            elif not self.cross_model_batching:
+                key = key + (op.sample["adapter"],)
             batches.setdefault(key, []).append(op)
         for ops_ in batches.values():
             params = ops_[0].sample["params"]

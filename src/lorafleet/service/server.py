@@ -80,7 +80,8 @@ class ServerThread:
 
 def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
           api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
-          aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite") -> None:
+          aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite",
+          cross_tenant_batching: bool = True) -> None:
     import uvicorn
 
     keys = load_keys(api_keys)
@@ -88,7 +89,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-
         raise ValueError(f"no API keys configured (--api-keys FILE or LORAFLEET_API_KEYS): refusing to serve on "
                          f"non-loopback address {host!r}")
     cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []),
-                        dataset_roots=list(dataset_roots or []), store=store)
+                        dataset_roots=list(dataset_roots or []), store=store,
+                        cross_tenant_batching=cross_tenant_batching)
     service = build_service(base, cfg)
     app, _ = make_app(service, keys=keys)
     if keys:

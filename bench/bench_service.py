@@ -1,0 +1,173 @@
+"""What cross-tenant batching buys the service: requests/s and tokens/s with 1, 4 and 8 tenants.
+
+    .venv/bin/python bench/bench_service.py [--steps 12] [--threads 1]
+
+Two `lorafleet serve` processes on the embedded debug base (qwen3_moe, fp32, CPU), used one at a
+time; the tenants live in this process, each a thread with its own unmodified Tinker SDK client: a training loop (`forward_backward` of
+``--batch`` datums of ``--seq`` tokens, then `optim_step`) and, separately, a sampling loop
+(`sample`, ``--num-samples`` × ``--max-tokens``). Every configuration runs twice, side by
+side in one process, interleaved round-robin so both see the same machine load:
+
+* **batched**: the service as shipped — ready requests of all tenants share one mixed
+  `forward_backward` per step and one decode batch per sampling call;
+* **one tenant per step**: ``lorafleet serve --one-tenant-per-step`` (each model's requests
+  run alone: the Twinkle-style time-sharing of one base).
+
+Printed: requests/s and tokens/s (training: input tokens; sampling: generated tokens) and the
+batched / one-per-step ratio. The clients share the machine's cores with the server, so
+absolute figures include their cost; the ratio is what batching buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+import torch
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tenants", default="1,4,8")
+    ap.add_argument("--steps", type=int, default=12, help="training iterations per tenant per run")
+    ap.add_argument("--samples", type=int, default=4, help="sampling calls per tenant per run")
+    ap.add_argument("--batch", type=int, default=4, help="datums per forward_backward")
+    ap.add_argument("--seq", type=int, default=64, help="tokens per datum")
+    ap.add_argument("--num-samples", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (median reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server")
+    return ap.parse_args(argv)
+
+
+def run_tenants(url, keys, base, args, mode, warmup=False):
+    """All tenants at once; returns (requests, tokens, seconds)."""
+    import tinker
+    from tinker import types
+
+    clients = []
+    for k in keys:
+        sc = tinker.ServiceClient(base_url=url, api_key=k)
+        if mode == "train":
+            clients.append((sc, sc.create_lora_training_client(base_model=base, rank=8)))
+        else:
+            clients.append((sc, sc.create_sampling_client(base_model=base).result(60)))
+    g = torch.Generator().manual_seed(0)
+    data = [types.Datum(model_input=types.ModelInput.from_ints(torch.randint(3, 100, (args.seq,), generator=g).tolist()),
+                        loss_fn_inputs={"target_tokens": torch.randint(3, 100, (args.seq,), generator=g).tolist(),
+                                        "weights": [1.0] * args.seq}) for _ in range(args.batch)]
+    prompt = types.ModelInput.from_ints(torch.randint(3, 100, (16,), generator=g).tolist())
+    sp = types.SamplingParams(max_tokens=args.max_tokens, stop=[], temperature=1.0)
+    counts = [[0, 0] for _ in keys]
+    barrier = threading.Barrier(len(keys) + 1)
+
+    def work(i):
+        _, c = clients[i]
+        barrier.wait()
+        if mode == "train":
+            for _ in range(1 if warmup else args.steps):
+                fb = c.forward_backward(data, "cross_entropy")
+                opt = c.optim_step(types.AdamParams(learning_rate=1e-4))
+                fb.result(300), opt.result(300)
+                counts[i][0] += 2
+                counts[i][1] += args.batch * args.seq
+        else:
+            for _ in range(1 if warmup else args.samples):
+                out = c.sample(prompt, num_samples=args.num_samples, sampling_params=sp).result(300)
+                counts[i][0] += 1
+                counts[i][1] += sum(len(s.tokens) for s in out.sequences)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(keys))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    for sc, _ in clients:
+        sc.close("success").result(60)
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), dt
+
+
+def start_server(port: int, keys: dict, slots: int, args, batched: bool) -> subprocess.Popen:
+    env = dict(os.environ, LORAFLEET_API_KEYS=",".join(f"{t}:{k}" for k, t in keys.items()))
+    cmd = [sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
+           tempfile.mkdtemp(prefix="lf-bench-"), "--max-adapters", str(slots), "--max-rank", "8",
+           "--threads", str(args.threads)] + ([] if batched else ["--one-tenant-per-step"])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server did not start: {' '.join(cmd)}")
+        time.sleep(0.2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import logging
+
+    logging.getLogger("tinker").setLevel(logging.ERROR)
+    import tinker
+
+    from lorafleet.service.server import free_port
+
+    tenants = [int(x) for x in args.tenants.split(",")]
+    keys = {f"tml-bench-{i:02d}": f"t{i}" for i in range(max(tenants))}
+    servers, urls = [], {}
+    try:
+        for batched in (True, False):
+            port = free_port()
+            servers.append(start_server(port, keys, max(tenants) + 1, args, batched))
+            urls[batched] = f"http://127.0.0.1:{port}"
+        base = tinker.ServiceClient(base_url=urls[True], api_key=next(iter(keys))) \
+            .get_server_capabilities().supported_models[0].model_name
+        measure(args, tenants, keys, urls, base)
+    finally:
+        for p in servers:
+            p.kill()
+
+
+def measure(args, tenants, keys, urls, base):
+    print(f"torch {torch.__version__}, {args.threads} server thread(s) per server, {os.cpu_count()} cores, "
+          f"loadavg {os.getloadavg()[0]:.2f}; base {base}; training: {args.steps} x (forward_backward "
+          f"{args.batch}x{args.seq} tokens + optim_step) per tenant; sampling: {args.samples} x sample("
+          f"{args.num_samples} x {args.max_tokens} tokens) per tenant; median of {args.rounds} interleaved rounds")
+    rows = []
+    for mode in ("train", "sample"):
+        for n in tenants:
+            res = {True: [], False: []}
+            for batched in (True, False):  # warm-up, untimed
+                run_tenants(urls[batched], list(keys)[:n], base, args, mode, warmup=True)
+            for _ in range(args.rounds):
+                for batched in (True, False):
+                    res[batched].append(run_tenants(urls[batched], list(keys)[:n], base, args, mode))
+            med = {b: (statistics.median(r[0] / r[2] for r in v), statistics.median(r[1] / r[2] for r in v))
+                   for b, v in res.items()}
+            rows.append((mode, n, med[True], med[False]))
+            print(f"  done: {mode} {n} tenant(s)", file=sys.stderr)
+    print()
+    hdr = (f"{'workload':<9} {'tenants':>7} | {'batched req/s':>13} {'tok/s':>8} | {'1-per-step req/s':>16} "
+           f"{'tok/s':>8} | {'batched / 1-per-step':>20}")
+    print(hdr)
+    print("-" * len(hdr))
+    for mode, n, (rq, tk), (rq1, tk1) in rows:
+        print(f"{mode:<9} {n:>7} | {rq:>13.2f} {tk:>8.0f} | {rq1:>16.2f} {tk1:>8.0f} | {tk / tk1:>19.2f}x")
+    print(f"loadavg at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
