@@ -15,15 +15,21 @@ log = logging.getLogger("lorafleet.service")
 
 
 def build_service(base: str | None = None, config: ServiceConfig | None = None, log_fn=print) -> Service:
-    """``base``: a Hugging Face model directory, ``debug:<arch>`` / a debug arch name, or None
-    (the embedded ``qwen3_moe`` debug base)."""
+    """``base``: a Hugging Face model directory, ``debug:<arch>`` / a debug arch name,
+    ``debug:<arch>-qwenvocab`` (that debug arch with the Qwen vocabulary and tokenizer, built
+    offline; for recipes that expect a Qwen model), or None (the embedded ``qwen3_moe`` debug base)."""
     from ..jobs.base_model import load_base
     from ..jobs.config import BaseSpec
 
     from pathlib import Path
 
+    from ..models.qwen_vocab import build_qwen_vocab_base, parse_qwen_vocab_base
+
     if base is not None and Path(base).is_dir():
         spec = BaseSpec(path=base)
+    elif (arch := parse_qwen_vocab_base(base)) is not None:  # debug:<arch>-qwenvocab (see qwen_vocab.py)
+        model, tok, tok_dir, name = build_qwen_vocab_base(arch, log=log_fn)
+        return Service(model, tok, name, config, tokenizer_dir=tok_dir)
     else:
         spec = BaseSpec(debug="qwen3_moe" if base is None else base.split(":", 1)[-1])
     model, tok, name = load_base(spec, log=log_fn)
