@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default="lorafleet-data", help="checkpoints and the tokenizer live here")
-    s.add_argument("--base", help="a Hugging Face model directory or a debug arch (default: the qwen3_moe debug base)")
+    s.add_argument("--base", help="a Hugging Face model directory, a debug arch, or debug:<arch>-qwenvocab (the Qwen "
+                   "vocabulary and an offline Qwen tokenizer) (default: the qwen3_moe debug base)")
     s.add_argument("--api-keys", help="file of tenant:key lines (or JSON); also read: $LORAFLEET_API_KEYS")
     s.add_argument("--max-adapters", type=int, default=16, help="slots: training models + loaded samplers")
     s.add_argument("--max-rank", type=int, default=64)
