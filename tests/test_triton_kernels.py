@@ -1,0 +1,192 @@
+"""Triton kernels vs the plain-torch references: forward and every gradient, odd shapes, mixed
+ranks, empty segments, an adapter with zero tokens, shared factors, every kernel-filled buffer
+poisoned with NaN. Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
+set here before the kernel module is first imported, re-imported if something imported it
+earlier); with one they run compiled on it."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from lorafleet.kernels import dispatch  # noqa: E402
+from lorafleet.kernels.dispatch import Segment  # noqa: E402
+from lorafleet.kernels.grouped_mm.reference import grouped_mm as gmm_ref  # noqa: E402
+from lorafleet.kernels.segment_lora import triton_kernels as K  # noqa: E402
+from lorafleet.kernels.segment_lora.reference import segment_lora as seg_ref  # noqa: E402
+
+if DEVICE == "cpu" and not isinstance(K._segment_mm_kernel, InterpretedFunction):
+    importlib.reload(K)  # imported before TRITON_INTERPRET was set: decorate the kernels again
+
+FP32, BF16 = 1e-5, 1e-2
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def triton_nan_poisoned(monkeypatch):
+    """Force the Triton backend; every buffer a kernel fills starts as NaN."""
+    monkeypatch.setenv("LORAFLEET_KERNELS", "triton")
+    monkeypatch.setattr(K, "empty", lambda shape, like: torch.full(
+        tuple(shape), float("nan"), dtype=like.dtype, device=like.device))
+
+
+def _run(fn, inputs, gy):
+    """Output and the gradients of every input that requires one."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    y = fn(*leaves)
+    y.backward(gy)
+    return y.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+def _compare(fn_tri, fn_ref, inputs, gy, tol):
+    y, grads = _run(fn_tri, inputs, gy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAFLEET_KERNELS", "reference")
+        y_ref, grads_ref = _run(fn_ref, [t.float() for t in inputs], gy.float())
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    errs = [rel(y, y_ref)] + [rel(g, r) for g, r in zip(grads, grads_ref)]
+    assert max(errs) <= tol, errs
+    return y, grads
+
+
+def _segs(rows):
+    return [Segment(*r) for r in rows]
+
+
+# (N, IN, OUT, G, R, segments as (start, end, a_index, b_index, rank, scale))
+CASES = {
+    # base rows before, between and after segments; segment 2 empty; factor 4 never used
+    "dense_odd": (37, 19, 23, 5, 7, [(3, 8, 0, 0, 7, 2.0), (8, 17, 1, 1, 1, 0.5), (17, 17, 2, 2, 3, 1.0),
+                                     (20, 30, 3, 3, 4, 1.5)]),
+    # expert LoRA: (slot, expert) groups; shared A (index 0) and shared B (index 5)
+    "experts_shared": (29, 17, 13, 8, 5, [(0, 4, 0, 1, 5, 1.0), (4, 9, 0, 3, 5, 1.0), (9, 9, 0, 2, 5, 1.0),
+                                          (9, 20, 4, 5, 3, 2.0), (20, 29, 6, 5, 3, 2.0)]),
+    # longer than a row tile, inner and outer dims past one block, max rank 16
+    "multi_block": (83, 70, 67, 3, 16, [(0, 70, 2, 2, 13, 0.25), (70, 83, 0, 0, 16, 1.0)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_segment_lora_matches_reference(case):
+    N, IN, OUT, G, R, rows = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, IN + 3, generator=g)[:, 1 : IN + 1].requires_grad_()  # strided rows
+    A = torch.randn(G, R, IN, generator=g).requires_grad_()
+    B = torch.randn(G, OUT, R, generator=g).requires_grad_()
+    gy = torch.randn(N, OUT, generator=g)
+    dev = [t.to(DEVICE) for t in (x, A, B, gy)]
+    segs = _segs(rows)
+    fn = lambda x, A, B: dispatch.segment_lora(x, A, B, segs)  # noqa: E731
+    y, (gx, gA, gB) = _compare(fn, fn, dev[:3], dev[3], FP32)
+    used = {s.a_index for s in segs if s.end > s.start} | {s.b_index for s in segs if s.end > s.start}
+    for i in set(range(G)) - used:  # a factor no token uses: zero gradient, not garbage
+        assert gA[i].abs().sum() == 0 and gB[i].abs().sum() == 0
+    for s in segs:  # rank padding never gets gradient
+        assert gA[s.a_index, s.rank :].abs().sum() == 0 and gB[s.b_index, :, s.rank :].abs().sum() == 0
+    covered = torch.zeros(N, dtype=torch.bool)
+    for s in segs:
+        covered[s.start : s.end] = True
+    assert y[~covered.to(DEVICE)].abs().sum() == 0 and gx[~covered.to(DEVICE)].abs().sum() == 0
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_mm_matches_reference(transposed):
+    G, IN, OUT = 5, 70, 21
+    offsets = [0, 3, 3, 40, 45, 45]  # empty groups 1 and 4; rows 45.. in no group
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(47, IN, generator=g)
+    W = torch.randn(*((G, IN, OUT) if transposed else (G, OUT, IN)), generator=g)
+    gy = torch.randn(47, OUT, generator=g)
+    dev = [t.to(DEVICE).requires_grad_(i < 2) for i, t in enumerate((x, W, gy))]
+    fn = lambda x, W: dispatch.grouped_mm(x, W, offsets, transposed)  # noqa: E731
+    y, (gx, gW) = _compare(fn, fn, dev[:2], dev[2], FP32)
+    assert y[45:].abs().sum() == 0 and gx[45:].abs().sum() == 0
+    assert gW[1].abs().sum() == 0 and gW[4].abs().sum() == 0
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    N, IN, OUT, G, R, rows = CASES["experts_shared"]
+    g = torch.Generator().manual_seed(2)
+    x, A, B, gy = (torch.randn(*s, generator=g).to(DEVICE, torch.bfloat16)
+                   for s in ((N, IN), (G, R, IN), (G, OUT, R), (N, OUT)))
+    for t in (x, A, B):
+        t.requires_grad_()
+    segs = _segs(rows)
+    fn = lambda x, A, B: dispatch.segment_lora(x, A, B, segs)  # noqa: E731
+    y, _ = _compare(fn, fn, [x, A, B], gy, BF16)
+    assert y.dtype == torch.bfloat16
+    W = torch.randn(3, 24, IN, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    fn = lambda x, W: dispatch.grouped_mm(x, W, [0, 10, 10, N])  # noqa: E731
+    _compare(fn, fn, [x.detach().requires_grad_(), W], torch.randn(N, 24).to(DEVICE, torch.bfloat16), BF16)
+
+
+def test_dispatch_backend_choice(monkeypatch):
+    t = torch.zeros(2, device=DEVICE)
+    assert dispatch.backend(t) == "triton"
+    assert dispatch.backend(t.double()) == "reference"  # dtype the kernels do not take
+    monkeypatch.setenv("LORAFLEET_KERNELS", "reference")
+    assert dispatch.backend(t) == "reference"
+    monkeypatch.setenv("LORAFLEET_KERNELS", "auto")
+    assert dispatch.backend(torch.zeros(2)) == "reference"  # CPU tensors: reference unless forced
+    monkeypatch.setenv("LORAFLEET_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="LORAFLEET_KERNELS"):
+        dispatch.backend(t)
+    monkeypatch.setenv("LORAFLEET_KERNELS", "triton")
+    with pytest.raises(ValueError, match="out of range"):
+        dispatch.segment_lora(torch.zeros(4, 3), torch.zeros(2, 2, 3), torch.zeros(2, 5, 2),
+                              [Segment(0, 4, 2, 0, 2, 1.0)])
+    with pytest.raises(ValueError, match="overlapping"):
+        dispatch.segment_lora(torch.zeros(4, 3), torch.zeros(2, 2, 3), torch.zeros(2, 5, 2),
+                              [Segment(0, 3, 0, 0, 2, 1.0), Segment(2, 4, 1, 1, 2, 1.0)])
+    with pytest.raises(ValueError, match="offsets"):
+        dispatch.grouped_mm(torch.zeros(4, 3), torch.zeros(2, 5, 3), [0, 3, 2])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", pytest.param("gpt_oss", marks=pytest.mark.slow)])
+def test_fleet_triton_backend_matches_reference(arch, monkeypatch):
+    """A whole model through Fleet: logits and every LoRA gradient, Triton vs reference backend
+    (dense and expert LoRA; per-expert, shared-A and shared-outer adapters; base-model rows)."""
+    import lorafleet as lf
+    from lorafleet.models.debug import build_debug_model
+
+    torch.manual_seed(0)
+    model = build_debug_model(arch, seed=0).to(DEVICE)
+    fleet = lf.Fleet(model, max_adapters=4, max_rank=8)
+    plan = {"a": dict(rank=4, experts=True), "b": dict(rank=8, experts=True, expert_sharing="shared_a"),
+            "c": dict(rank=3, experts=True, expert_sharing="shared_outer"), "idle": dict(rank=5)}
+    for i, (name, kw) in enumerate(plan.items()):
+        targets = [n for n in ("q_proj", "o_proj", "down_proj") if n in fleet.linear_names]  # interpreter is slow
+        fleet.add_adapter(name, lf.AdapterConfig(alpha=8, target_modules=targets, seed=i, **kw))
+        w = fleet.get_adapter_weights(name)
+        g = torch.Generator().manual_seed(10 + i)
+        for _, t in w.tensors():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+        fleet.set_adapter_weights(name, w)
+    rows = ["a", None, "b", "c"]
+    ids = torch.randint(0, model.config.vocab_size, (len(rows), 5), generator=torch.Generator().manual_seed(5))
+    proj = torch.randn(len(rows), 5, model.config.vocab_size, generator=torch.Generator().manual_seed(6))
+
+    def run(backend):
+        monkeypatch.setenv("LORAFLEET_KERNELS", backend)
+        for p in fleet.lora_parameters():
+            p.grad = None
+        logits = fleet.forward(ids.to(DEVICE), adapters=rows).logits
+        (logits * proj.to(DEVICE)).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in fleet.lora_parameters() if p.grad is not None]
+
+    logits_tri, grads_tri = run("triton")
+    logits_ref, grads_ref = run("reference")
+    assert len(grads_tri) == len(grads_ref) > 0
+    assert rel(logits_tri, logits_ref) <= FP32
+    assert max(rel(a, b) for a, b in zip(grads_tri, grads_ref)) <= FP32
