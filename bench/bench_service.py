@@ -5,8 +5,8 @@
 Two `lorafleet serve` processes on the embedded debug base (qwen3_moe, fp32, CPU), used one at a
 time; the tenants live in this process, each a thread with its own unmodified Tinker SDK client: a training loop (`forward_backward` of
 ``--batch`` datums of ``--seq`` tokens, then `optim_step`) and, separately, a sampling loop
-(`sample`, ``--num-samples`` × ``--max-tokens``). Every configuration runs twice, side by
-side in one process, interleaved round-robin so both see the same machine load:
+(`sample` from the tenant's own adapter, ``--num-samples`` × ``--max-tokens``). Every
+configuration runs twice, side by side in one process, interleaved round-robin so both see the same machine load:
 
 * **batched**: the service as shipped — ready requests of all tenants share one mixed
   `forward_backward` per step and one decode batch per sampling call;
@@ -59,7 +59,9 @@ def run_tenants(url, keys, base, args, mode, warmup=False):
         if mode == "train":
             clients.append((sc, sc.create_lora_training_client(base_model=base, rank=8)))
         else:
-            clients.append((sc, sc.create_sampling_client(base_model=base).result(60)))
+            # each tenant samples its own adapter (weights saved from its own training client)
+            tc = sc.create_lora_training_client(base_model=base, rank=8)
+            clients.append((sc, tc.save_weights_and_get_sampling_client().result(60)))
     g = torch.Generator().manual_seed(0)
     data = [types.Datum(model_input=types.ModelInput.from_ints(torch.randint(3, 100, (args.seq,), generator=g).tolist()),
                         loss_fn_inputs={"target_tokens": torch.randint(3, 100, (args.seq,), generator=g).tolist(),
@@ -131,7 +133,7 @@ def main(argv=None):
     try:
         for batched in (True, False):
             port = free_port()
-            servers.append(start_server(port, keys, max(tenants) + 1, args, batched))
+            servers.append(start_server(port, keys, 2 * max(tenants) + 1, args, batched))
             urls[batched] = f"http://127.0.0.1:{port}"
         base = tinker.ServiceClient(base_url=urls[True], api_key=next(iter(keys))) \
             .get_server_capabilities().supported_models[0].model_name
