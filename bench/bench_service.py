@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/bench_service.py [--steps 12] [--threads 1]
 
-Two `lorafleet serve` processes on the embedded debug base (qwen3_moe, fp32, CPU), used one at a
-time; the tenants live in this process, each a thread with its own unmodified Tinker SDK client: a training loop (`forward_backward` of
-``--batch`` datums of ``--seq`` tokens, then `optim_step`) and, separately, a sampling loop
-(`sample` from the tenant's own adapter, ``--num-samples`` × ``--max-tokens``). Every
-configuration runs twice, side by side in one process, interleaved round-robin so both see the same machine load:
+Two `lorafleet serve` processes on the embedded debug base (qwen3_moe, fp32, CPU), used one at
+a time; the tenants live in this process, each a thread with its own unmodified Tinker SDK
+client: a training loop (`forward_backward` of ``--batch`` datums of ``--seq`` tokens, then
+`optim_step`) and, separately, a sampling loop (`sample` from the tenant's own adapter,
+``--num-samples`` × ``--max-tokens``). Every configuration runs on both servers, interleaved
+round-robin so both see the same machine load:
 
 * **batched**: the service as shipped — ready requests of all tenants share one mixed
   `forward_backward` per step and one decode batch per sampling call;
