@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
+from .jobs.config import read_yaml_mapping
 
 JOB_LEVEL = ("max_length", "overflow", "checkpoint_every")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -25,13 +25,8 @@ class ClientError(ValueError):
 def job_request(path: str | Path, server_paths: bool = False) -> dict:
     """The POST /jobs body for a job file."""
     path = Path(path)
-    if not path.is_file():
-        raise ClientError(f"job file {str(path)!r} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ClientError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(spec, dict) or "data" not in spec:
+    spec = read_yaml_mapping(path, "job file")
+    if "data" not in spec:
         raise ClientError(f"{path}: a job file is a mapping of one adapter's fields, with at least 'data'")
     body: dict = {k: spec.pop(k) for k in JOB_LEVEL if k in spec}
     for key in ("data", "eval_data"):

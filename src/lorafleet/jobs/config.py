@@ -190,14 +190,19 @@ def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
     return cfg
 
 
-def load_config(path, adapter_cls=None) -> TrainConfig:
+def read_yaml_mapping(path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping (ConfigError naming the problem otherwise)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return parse_config(data, str(path), adapter_cls)
+    return data
+
+
+def load_config(path, adapter_cls=None) -> TrainConfig:
+    return parse_config(read_yaml_mapping(path), str(path), adapter_cls)
