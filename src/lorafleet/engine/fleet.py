@@ -24,6 +24,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts
     for slot-routed LoRA layers in place. ``forward(..., adapters=[name | None per row])`` runs a
     batch whose rows belong to different adapters (``None``: the base model).
+    ``dtype``: the LoRA factors' dtype (default: the base's). A bf16 base trains in mixed precision:
+    bf16 compute, fp32 loss math, AdamW moments and master weights (see docs/kernels.md, "bf16").
     """
 
     def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool = True, dtype=None):
@@ -301,8 +303,11 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                              f"the slot holds rank {self._configs[name].rank} / {self._configs[name].expert_sharing}")
         self._check_weights(name, w)
         values = dict(w.tensors())
+        masters = self._train[name].adam.master
         for key, p, idx in self.adapter_views(name):
             p[idx] = values[key].to(p)
+            if p.dtype != torch.float32:  # low-precision bank: keep the source's precision
+                masters[key] = values[key].to(device=p.device, dtype=torch.float32, copy=True)
 
     def add_adapter_from_weights(self, name: str, w: AdapterWeights) -> int:
         """Validate everything first, then take a slot and write the weights."""

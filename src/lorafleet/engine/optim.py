@@ -4,6 +4,10 @@ Each adapter owns its optimizer state (moments sized to its rank-sliced factors,
 its schedule). The update is `torch.optim.AdamW`'s single-tensor algorithm, op for op, applied
 in place to the adapter's views of the stacked slot tensors, so one adapter's step never touches
 another adapter's slot.
+
+Low-precision (bf16/fp16) factors train in mixed precision: the moments and an fp32 master copy
+of every factor live in the adapter's `AdamState`; the step runs on the master and rounds it back
+into the bank, so updates below half a bf16 ulp accumulate instead of vanishing.
 """
 
 from __future__ import annotations
@@ -87,19 +91,36 @@ class AdamState:
     step: int = 0
     exp_avg: dict[str, torch.Tensor] = field(default_factory=dict)
     exp_avg_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    # fp32 master copies of low-precision (bf16/fp16) factors; empty for fp32 weights
+    master: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def grad_norm(grads: list[torch.Tensor]) -> float:
     """Global L2 norm, computed as `torch.nn.utils.clip_grad_norm_` does (norm of per-tensor norms)."""
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), 2.0) for g in grads]), 2.0))
+
+
+def master_weight(state: AdamState, key: str, param: torch.Tensor) -> torch.Tensor:
+    """The fp32 tensor AdamW updates for ``param``: ``param`` itself when it is fp32, else the
+    adapter's fp32 master copy. A master that no longer rounds to ``param`` (the weights were
+    written from outside: set_adapter_weights, a load) is re-seeded from ``param``."""
+    if param.dtype == torch.float32:
+        return param
+    master = state.master.get(key)
+    if master is None or master.shape != param.shape or not torch.equal(master.to(param.dtype), param):
+        master = state.master[key] = param.float()
+    return master
 
 
 @torch.no_grad()
 def adamw_step(views, grads, state: AdamState, config: OptimConfig) -> dict:
     """One AdamW step of one adapter. ``views``: (key, tensor view) pairs updated in place;
-    ``grads``: matching gradient tensors (fp32 math when the weights are low precision)."""
+    ``grads``: matching gradient tensors. All math is fp32: low-precision gradients are upcast
+    first (norm and clipping included), low-precision weights are stepped through their fp32
+    master copy (``state.master``) and then rounded back into the view."""
+    grads = [g.to(torch.float32) for g in grads]  # a no-op (same tensor) for fp32
     norm = grad_norm(grads)
     clip = config.grad_clip_norm
     if clip:
@@ -113,8 +134,7 @@ def adamw_step(views, grads, state: AdamState, config: OptimConfig) -> dict:
     bias_correction2_sqrt = math.sqrt(1 - beta2**state.step)
     step_size = lr / bias_correction1
     for (key, param), grad in zip(views, grads):
-        work = param if param.dtype == torch.float32 else param.float()
-        grad = grad.to(torch.float32)
+        work = master_weight(state, key, param)
         if key not in state.exp_avg:
             state.exp_avg[key] = torch.zeros_like(work)
             state.exp_avg_sq[key] = torch.zeros_like(work)

@@ -5,7 +5,12 @@ Directory layout::
 
     state.json          {"format": "lorafleet-state", "version": 1, "adapter": {...},
                          "optim": {...}, "step": n, "pending": bool, "extra": {...}}
-    tensors.safetensors weight/<key>, exp_avg/<key>, exp_avg_sq/<key>, grad/<key> (if pending)
+    tensors.safetensors weight/<key>, exp_avg/<key>, exp_avg_sq/<key>, grad/<key> (if pending),
+                        master/<key> (fp32 master copies of bf16/fp16 weights, if any)
+
+Weights and gradients keep the bank's dtype; moments and masters are fp32. Loading into a
+low-precision bank seeds each master from ``master/<key>`` (else ``weight/<key>``); loading a
+low-precision checkpoint into an fp32 bank takes the weights from the masters.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class StateMixin:
                 tensors[f"exp_avg_sq/{key}"] = st.adam.exp_avg_sq[key].cpu().contiguous()
             if st.pending:
                 tensors[f"grad/{key}"] = g.detach().cpu().contiguous().clone()
+            master = st.adam.master.get(key)
+            if master is not None and torch.equal(master.to(p.dtype), p[idx]):  # stale masters are dropped
+                tensors[f"master/{key}"] = master.cpu().contiguous().clone()
         meta = {"format": FORMAT, "version": VERSION, "adapter": self._configs[name].to_dict(),
                 "optim": st.optim.to_dict(), "step": st.adam.step, "pending": st.pending, "extra": extra or {}}
         with atomic_dir(path) as tmp:
@@ -67,23 +75,28 @@ class StateMixin:
             if t is None or tuple(t.shape) != shape:
                 raise ValueError(f"{path}: checkpoint tensor weight/{k} is missing or has the wrong shape "
                                  f"({None if t is None else tuple(t.shape)} vs {shape})")
-            for kind in ("exp_avg", "exp_avg_sq") + (("grad",) if meta["pending"] else ()):
+            for kind in ("exp_avg", "exp_avg_sq", "master") + (("grad",) if meta["pending"] else ()):
                 u = tensors.get(f"{kind}/{k}")
-                if (u is None and (kind == "grad" or meta["step"] > 0)) or (u is not None and tuple(u.shape) != shape):
+                required = kind == "grad" or (kind != "master" and meta["step"] > 0)
+                if (u is None and required) or (u is not None and tuple(u.shape) != shape):
                     raise ValueError(f"{path}: checkpoint tensor {kind}/{k} is missing or has the wrong shape")
         if not exists:
             self.add_adapter(name, config, slot=slot)
+        dev = self.lora_device
+        masters = {}
         with torch.no_grad():
             for k, p, idx in self.adapter_views(name):
-                p[idx] = tensors[f"weight/{k}"].to(p)
+                best = tensors.get(f"master/{k}", tensors[f"weight/{k}"])  # the most precise copy
+                p[idx] = best.to(p)
+                if p.dtype != torch.float32:
+                    masters[k] = best.to(device=dev, dtype=torch.float32, copy=True)
                 if meta["pending"]:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     p.grad[idx] = tensors[f"grad/{k}"].to(p.grad)
                 elif p.grad is not None:
                     p.grad[idx].zero_()
-        dev = self.lora_device
-        adam = AdamState(step=int(meta["step"]))
+        adam = AdamState(step=int(meta["step"]), master=masters)
         for k in expected:
             if f"exp_avg/{k}" in tensors:
                 adam.exp_avg[k] = tensors[f"exp_avg/{k}"].to(dev)
