@@ -33,7 +33,7 @@ from ..jobs.config import AdapterJob, ConfigError
 from ..jobs.evaluate import evaluate
 from ..utils.atomic import atomic_dir
 from .futures import Failure
-from .scheduler import Op
+from .scheduler import Op, PoolFull
 from .store import Invalid, Job, NotFound
 
 log = logging.getLogger("lorafleet.service")
@@ -250,7 +250,10 @@ class JobRunner:
             ckpt = Path(j.checkpoint) if j.checkpoint else None
 
             def put(fleet, r=r, ckpt=ckpt):
-                self.scheduler.make_room()
+                try:
+                    self.scheduler.make_room()
+                except PoolFull:  # taken since has_room() said yes
+                    return {"full": True}
                 if ckpt is None:
                     fleet.add_adapter(r.adapter, r.spec.adapter_config())
                     fleet.set_optimizer(r.adapter, r.spec.optim_config(r.job.total_steps))
@@ -266,9 +269,9 @@ class JobRunner:
                 return {"resumed": True}
 
             out = self._wait({"put": self._call(r, put)})["put"]
-            if isinstance(out, Failure):
+            if isinstance(out, Failure) or out.json.get("full"):
                 self.scheduler.close_model(r.qid)
-                if "slots are in use" in out.error:
+                if not isinstance(out, Failure):
                     return  # the pool is full: stay queued, first come first served
                 self._end_record(j, "failed", f"cannot start: {out.error}")
                 continue

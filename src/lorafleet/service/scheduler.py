@@ -38,6 +38,10 @@ class UserError(ValueError):
     """Reported to the client as a failed future with category "user"."""
 
 
+class PoolFull(UserError):
+    """Every slot holds a training model, a job or a sampler that is needed now."""
+
+
 @dataclass
 class Op:
     rid: str
@@ -297,12 +301,12 @@ class Scheduler:
 
     def make_room(self, keep: set[str] = frozenset()) -> None:
         """Free a slot if the pool is full by evicting least recently used sampler weights
-        (reloaded on demand); UserError if every slot holds a training model or a needed sampler."""
+        (reloaded on demand); PoolFull if every slot holds a training model or a needed sampler."""
         fleet = self.fleet
         while len(fleet.adapters) >= fleet.max_adapters:
             victim = next((a for a in self._sampler_lru if a not in keep), None)
             if victim is None:
-                raise UserError(f"all {fleet.max_adapters} adapter slots are in use; close some training "
+                raise PoolFull(f"all {fleet.max_adapters} adapter slots are in use; close some training "
                                 "clients (their sessions) or samplers and retry")
             fleet.remove_adapter(victim)
             del self._sampler_lru[victim]
