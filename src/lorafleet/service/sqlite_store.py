@@ -26,8 +26,8 @@ SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT, data TEXT);
-CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, tenant TEXT, session_id TEXT, data TEXT);
-CREATE TABLE IF NOT EXISTS samplers (id TEXT PRIMARY KEY, tenant TEXT, session_id TEXT, data TEXT);
+CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, tenant TEXT, data TEXT);
+CREATE TABLE IF NOT EXISTS samplers (id TEXT PRIMARY KEY, tenant TEXT, data TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints (tenant TEXT, path TEXT, model_id TEXT, kind TEXT, dir TEXT,
                                         created REAL, PRIMARY KEY (tenant, path));
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, tenant TEXT, data TEXT);
@@ -104,19 +104,12 @@ class SQLiteStore(InMemoryStore):
 
     # ------------------------------------------------------------------ records
     _TABLES = {Session: ("sessions", "session_id"), Model: ("models", "model_id"),
-               Sampler: ("samplers", "sampler_id")}
+               Sampler: ("samplers", "sampler_id"), Job: ("jobs", "job_id")}
 
     def _put(self, record):
-        if isinstance(record, Job):
-            self._exec("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)", (record.job_id, record.tenant, _dump(record)))
-            return
         table, key = self._TABLES[type(record)]
-        if table == "sessions":
-            self._exec("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)",
-                       (record.session_id, record.tenant, _dump(record)))
-        else:
-            self._exec(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?)",
-                       (getattr(record, key), record.tenant, record.session_id, _dump(record)))
+        self._exec(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)",
+                   (getattr(record, key), record.tenant, _dump(record)))
 
     def add_session(self, s):
         super().add_session(s)
