@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .store import RequestRecord
+
 
 @dataclass
 class Result:
@@ -68,8 +70,6 @@ class FutureStore:
         """A new pending request; ``durable=False``: not journaled (the service's own internal work)."""
         rid = f"{self._prefix}-{next(self._counter)}"
         if self.journal is not None and durable:
-            from .store import RequestRecord
-
             self.journal.add_request(RequestRecord(rid, tenant, kind, model_id, seq_id))
         with self._lock:
             self._purge_locked()
@@ -96,8 +96,6 @@ class FutureStore:
                 pass
 
     def _journal_outcome(self, rid: str, e: _Entry, outcome) -> None:
-        from .store import RequestRecord
-
         r = RequestRecord(rid, e.tenant, e.kind)
         if isinstance(outcome, Failure):
             r.status, r.error, r.category = "failed", outcome.error, outcome.category
