@@ -90,3 +90,18 @@ def test_compiled_multilora_linear_matches_eager():
         eager = _grads(lambda: layer(x), leaves, gy)
         got = _grads(lambda: compiled(x), leaves, gy)
     assert max(rel(a, b) for a, b in zip(got, eager)) <= 1e-5
+
+
+def test_compiled_fused_lora_linear_matches_eager():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(19, 13, generator=g).to(DEVICE).requires_grad_()
+    W, bias = torch.randn(10, 13, generator=g).to(DEVICE), torch.randn(10, generator=g).to(DEVICE)
+    A = torch.randn(2, 4, 13, generator=g).to(DEVICE).requires_grad_()
+    B = torch.randn(2, 10, 4, generator=g).to(DEVICE).requires_grad_()
+    gy = torch.randn(19, 10, generator=g).to(DEVICE)
+    segs = [Segment(2, 11, 1, 1, 4, 2.0), Segment(11, 19, 0, 0, 3, 0.5)]
+    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs)  # noqa: E731
+    eager = _grads(lambda: fn(x, A, B), [x, A, B], gy)
+    aot = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = _grads(lambda: aot(x, A, B), [x, A, B], gy)
+    assert max(rel(a, b) for a, b in zip(got, eager)) <= 1e-5

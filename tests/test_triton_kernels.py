@@ -131,6 +131,104 @@ def test_bf16_inputs_accumulate_in_fp32():
     _compare(fn, fn, [x.detach().requires_grad_(), W], torch.randn(N, 24).to(DEVICE, torch.bfloat16), BF16)
 
 
+LINEAR_CASES = {
+    # base rows before, between and after segments (gap tiles carry the base alone), empty segment
+    "dense_odd_bias": (83, 70, 67, 4, 7, True, [(3, 8, 0, 0, 7, 2.0), (8, 70, 1, 1, 1, 0.5),
+                                               (70, 70, 2, 2, 3, 1.0), (72, 80, 3, 3, 4, 1.5)]),
+    "no_bias_one_adapter": (21, 19, 9, 2, 5, False, [(0, 21, 1, 1, 5, 0.25)]),
+    "no_segments": (13, 11, 7, 2, 3, True, []),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_fused_lora_linear_matches_reference(case):
+    """LoRAFusion's forward (base GEMM + scale·S·Bᵀ in one pass) and dX = dy·W + dS·A."""
+    N, IN, OUT, G, R, has_bias, rows = LINEAR_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, IN + 2, generator=g)[:, 1 : IN + 1].requires_grad_()  # strided rows
+    W = torch.randn(OUT, IN, generator=g)
+    bias = torch.randn(OUT, generator=g) if has_bias else None
+    A = torch.randn(G, R, IN, generator=g).requires_grad_()
+    B = torch.randn(G, OUT, R, generator=g).requires_grad_()
+    gy = torch.randn(N, OUT, generator=g)
+    dev = [t.to(DEVICE) for t in (x, A, B, gy)]
+    W, bias = W.to(DEVICE), None if bias is None else bias.to(DEVICE)
+    segs = _segs(rows)
+    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs)  # noqa: E731
+    if segs:
+        y, (gx, gA, gB) = _compare(fn, fn, dev[:3], dev[3], FP32)
+        for s in segs:  # rank padding never gets gradient
+            assert gA[s.a_index, s.rank :].abs().sum() == 0 and gB[s.b_index, :, s.rank :].abs().sum() == 0
+    else:
+        y, (gx,) = _compare(lambda x: fn(x, dev[1], dev[2]), lambda x: fn(x, dev[1], dev[2]), dev[:1], dev[3], FP32)
+    base = x.to(DEVICE).detach() @ W.T + (0 if bias is None else bias)
+    covered = torch.zeros(N, dtype=torch.bool, device=DEVICE)
+    for s in segs:
+        covered[s.start : s.end] = True
+    assert rel(y[~covered], base[~covered]) <= FP32  # rows of no adapter: the base output exactly
+
+
+def test_fused_lora_linear_bf16_and_errors():
+    N, IN, OUT, G, R, _, rows = LINEAR_CASES["dense_odd_bias"]
+    g = torch.Generator().manual_seed(4)
+    x, W, bias, A, B, gy = (torch.randn(*s, generator=g).to(DEVICE, torch.bfloat16)
+                            for s in ((N, IN), (OUT, IN), (OUT,), (G, R, IN), (G, OUT, R), (N, OUT)))
+    segs = _segs(rows)
+    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs)  # noqa: E731
+    fn_ref = lambda x, A, B: dispatch.lora_linear(x, W.float(), bias.float(), A, B, segs)  # noqa: E731
+    y, _ = _compare(fn, fn_ref, [x.requires_grad_(), A.requires_grad_(), B.requires_grad_()], gy, BF16)
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no gradient for the base weight"):
+        dispatch.lora_linear(x, W.detach().requires_grad_(), bias, A, B, segs)
+    with pytest.raises(ValueError, match="one dtype"):
+        dispatch.lora_linear(x, W.float(), bias, A, B, segs)
+    with pytest.raises(ValueError, match="bad shapes"):
+        dispatch.lora_linear(x, W[:, :-1], bias, A, B, segs)
+
+
+def test_layer_fuses_base_only_when_asked(monkeypatch):
+    """MultiLoRALinear with LORAFLEET_FUSE_BASE=1 runs the fused op and matches the unfused layer."""
+    from lorafleet.kernels.lora_linear import triton_op as fused_op
+    from lorafleet.lora.bank import SlotBank, SlotInfo
+    from lorafleet.lora.linear import MultiLoRALinear
+    from lorafleet.lora.routing import Routing, use_routing
+
+    bank = SlotBank(max_adapters=3, max_rank=4)
+    bank.slots[0] = SlotInfo("a", 4, 2.0, False, "none")
+    bank.slots[2] = SlotInfo("b", 2, 0.5, False, "none")
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(24, 20), bank, "model.layers.0.mlp.up_proj").to(DEVICE)
+    layer.base_layer.requires_grad_(False)
+    layer.enabled = [True, False, True]
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    calls = []
+    real = fused_op.lora_linear_fwd
+    monkeypatch.setattr(fused_op, "lora_linear_fwd", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 9, 24, device=DEVICE)
+    gy = torch.randn(4, 9, 20, device=DEVICE)
+
+    def run(fuse):
+        monkeypatch.setenv("LORAFLEET_FUSE_BASE", fuse)
+        leaves = [x.clone().requires_grad_(), layer.lora_A, layer.lora_B]
+        for t in leaves[1:]:
+            t.grad = None
+        with use_routing(Routing.from_row_slots([0, 0, -1, 2], DEVICE)):
+            y = layer(leaves[0])
+        y.backward(gy)
+        return [y.detach()] + [t.grad.clone() for t in leaves]
+
+    unfused = run("0")
+    assert not calls
+    fused = run("1")
+    assert calls
+    assert max(rel(a, b) for a, b in zip(fused, unfused)) <= FP32
+    monkeypatch.setenv("LORAFLEET_FUSE_BASE", "maybe")
+    with pytest.raises(ValueError, match="LORAFLEET_FUSE_BASE"):
+        dispatch.fuse_base()
+
+
 def test_dispatch_backend_choice(monkeypatch):
     t = torch.zeros(2, device=DEVICE)
     assert dispatch.backend(t) == "triton"
@@ -153,11 +251,19 @@ def test_dispatch_backend_choice(monkeypatch):
         dispatch.grouped_mm(torch.zeros(4, 3), torch.zeros(2, 5, 3), [0, 3, 2])
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", pytest.param("gpt_oss", marks=pytest.mark.slow)])
-def test_fleet_triton_backend_matches_reference(arch, monkeypatch):
+@pytest.mark.parametrize("arch,fuse", [("qwen3", "0"), ("qwen3", "1"), ("qwen3_moe", "0"),
+                                       pytest.param("gpt_oss", "0", marks=pytest.mark.slow)])
+def test_fleet_triton_backend_matches_reference(arch, fuse, monkeypatch):
     """A whole model through Fleet: logits and every LoRA gradient, Triton vs reference backend
-    (dense and expert LoRA; per-expert, shared-A and shared-outer adapters; base-model rows)."""
+    (dense and expert LoRA; per-expert, shared-A and shared-outer adapters; base-model rows;
+    with ``fuse``, the dense layers' base GEMM runs inside the fused LoRA kernel)."""
     import lorafleet as lf
+    from lorafleet.kernels.lora_linear import triton_op as fused_op
+
+    calls = []
+    real = fused_op.lora_linear_fwd
+    monkeypatch.setattr(fused_op, "lora_linear_fwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("LORAFLEET_FUSE_BASE", fuse)
     from lorafleet.models.debug import build_debug_model
 
     torch.manual_seed(0)
@@ -186,6 +292,7 @@ def test_fleet_triton_backend_matches_reference(arch, monkeypatch):
         return logits.detach(), [p.grad.clone() for p in fleet.lora_parameters() if p.grad is not None]
 
     logits_tri, grads_tri = run("triton")
+    assert bool(calls) == (fuse == "1")
     logits_ref, grads_ref = run("reference")
     assert len(grads_tri) == len(grads_ref) > 0
     assert rel(logits_tri, logits_ref) <= FP32

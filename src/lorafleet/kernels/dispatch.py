@@ -5,6 +5,11 @@ tensors go to the Triton kernels when ``triton`` is installed, everything else t
 references. The Triton path also runs CPU tensors under ``TRITON_INTERPRET=1`` (set before the
 kernel modules are first imported), which is how CI tests it. Dtypes the kernels do not take
 (float64) always use the reference.
+
+``LORAFLEET_FUSE_BASE=1`` lets ``MultiLoRALinear`` run its frozen base GEMM inside the LoRA kernel
+(``lora_linear``, LoRAFusion's fusion) on the Triton backend. It is off by default: the fused pass
+replaces cuBLAS with a Triton GEMM for the base, which only pays if that GEMM is as fast as
+cuBLAS on the device at hand, and that has not been measured yet (``bench/bench_lora_kernels.py``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import os
 import torch
 
 from .grouped_mm.reference import grouped_mm as _grouped_mm_ref
+from .lora_linear.reference import lora_linear as _lora_linear_ref
 from .segment_lora.reference import Segment, segment_lora as _segment_lora_ref
 
-__all__ = ["Segment", "segment_lora", "grouped_mm", "backend"]
+__all__ = ["Segment", "segment_lora", "lora_linear", "grouped_mm", "backend", "fuse_base"]
 
 ENV = "LORAFLEET_KERNELS"
+FUSE_ENV = "LORAFLEET_FUSE_BASE"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -46,12 +53,31 @@ def backend(t: torch.Tensor) -> str:
     return "triton" if t.device.type == "cuda" and triton_available() else "reference"
 
 
+def fuse_base() -> bool:
+    """Whether layers should fuse their frozen base GEMM into the LoRA kernel (``LORAFLEET_FUSE_BASE``)."""
+    value = os.environ.get(FUSE_ENV, "0").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{FUSE_ENV}={value!r}: expected 0 or 1")
+
+
 def segment_lora(x, A, B, segments):
     if backend(A) == "triton":
         from .segment_lora.triton_op import segment_lora as _tri
 
         return _tri(x, A, B, segments)
     return _segment_lora_ref(x, A, B, segments)
+
+
+def lora_linear(x, W, bias, A, B, segments):
+    """Frozen ``x @ W.T + bias`` plus segmented LoRA, one fused pass on the Triton backend."""
+    if backend(A) == "triton":
+        from .lora_linear.triton_op import lora_linear as _tri
+
+        return _tri(x, W, bias, A, B, segments)
+    return _lora_linear_ref(x, W, bias, A, B, segments)
 
 
 def grouped_mm(x, W, offsets, transposed=False):

@@ -59,15 +59,29 @@ class MultiLoRALinear(nn.Module):
                 segs.append(Segment(start, end, slot, slot, info.rank, info.scale))
         return segs
 
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """May the base GEMM run inside the LoRA kernel? Only for a plain, hook-free, frozen
+        ``nn.Linear`` of the LoRA's dtype on the Triton backend, when ``LORAFLEET_FUSE_BASE=1``."""
+        base = self.base_layer
+        if not dispatch.fuse_base() or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        same = x.dtype == base.weight.dtype == self.lora_A.dtype
+        return frozen and same and dispatch.backend(self.lora_A) == "triton"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         routing = current_routing()
         if routing is None:
-            return y
+            return self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])
         segs = self.segments(routing, flat.shape[0])
         if not segs:
-            return y
+            return self.base_layer(x)
+        if self._fusable(flat):
+            base = self.base_layer
+            y = dispatch.lora_linear(flat, base.weight, base.bias, self.lora_A, self.lora_B, segs)
+            return y.view(*x.shape[:-1], -1)
+        y = self.base_layer(x)
         delta = dispatch.segment_lora(flat, self.lora_A, self.lora_B, segs)
         return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
 

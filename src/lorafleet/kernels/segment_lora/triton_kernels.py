@@ -5,16 +5,23 @@ A *plan* (built on the host from the segment list) holds, per segment, ``(start,
 b_index, rank)`` and ``scale``; row tiles of ``BLOCK_M`` rows that cover ``[0, N)`` (gap tiles,
 ``seg = -1``, cover rows no segment owns); and, per factor index, the list of segments using it.
 
-``segment_mm`` (shrink, expand, dS, dX, grouped forward)::
+``segment_mm`` (shrink, expand, dS, dX, grouped forward; with ``base``, the fused LoRA linear)::
 
     for t, (seg, r0, r1) in enumerate(tiles):           # one program per (tile, column block)
-        if seg < 0:
-            Y[r0:r1] = 0                                # (left alone when accumulate)
-            continue
-        g = segs[seg][g_col]; k = rank if k_is_rank else K; n = rank if n_is_rank else NOUT
-        acc = X[r0:r1, :k] @ M[g][:k, :n]               # M[g][k, n] read through strides
-        acc = pad_columns(acc, NOUT)                    # columns n..NOUT are 0
-        Y[r0:r1] = (Y[r0:r1] if accumulate else 0) + (scale[seg] if use_scale else 1) * acc
+        acc = zeros(r1 - r0, NOUT)
+        if seg >= 0:
+            g = segs[seg][g_col]; k = rank if k_is_rank else K; n = rank if n_is_rank else NOUT
+            acc = X[r0:r1, :k] @ M[g][:k, :n]           # M[g][k, n] read through strides
+            acc = pad_columns(acc, NOUT)                # columns n..NOUT are 0
+            acc *= scale[seg] if use_scale else 1
+        if base:                                        # every tile, gap tiles too
+            acc += X0[r0:r1] @ W0 + (bias if bias is not None else 0)   # W0[k, n] through strides
+        if accumulate and seg < 0: continue             # rows of no segment are left alone
+        Y[r0:r1] = (Y[r0:r1] if accumulate else 0) + acc
+
+So a plan's gap tiles write zeros, or the base product alone. The fused LoRA linear
+(LoRAFusion's forward) is ``Y = X·Wᵀ + b + scale·S·B[b]ᵀ`` in one pass over Y, and its input
+gradient ``dX = dY·W + dS·A[a]`` likewise, instead of a base GEMM, an expand and an add.
 
 ``group_outer`` (dA, dB, grouped weight gradient)::
 
@@ -69,6 +76,7 @@ class Plan:
     scales: torch.Tensor  # [n_seg] float32
     tiles: torch.Tensor  # [T, 3] int32: seg (-1 gap), first row, end row
     num_tiles: int
+    block_m: int = BLOCK_M  # rows per tile: the M block of every launch over this plan
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ def make_plan(rows: list, num_rows: int, device, block_m: int = BLOCK_M) -> Plan
     segs = torch.tensor([r[:5] for r in rows] or [[0] * 5], dtype=torch.int32)
     scales = torch.tensor([float(r[5]) for r in rows] or [0.0], dtype=torch.float32)
     tile_t = torch.tensor(tiles or [[-1, 0, 0]], dtype=torch.int32)
-    return Plan(segs.to(device), scales.to(device), tile_t.to(device), len(tiles))
+    return Plan(segs.to(device), scales.to(device), tile_t.to(device), len(tiles), block_m)
 
 
 def make_group_index(rows: list, col: int, num_groups: int, device) -> GroupIndex:
@@ -148,8 +156,9 @@ def _upcast(t: torch.Tensor) -> bool:
 def _segment_mm_kernel(
     X, M, Y, tiles, segs, scales, K, NOUT,
     sxm, sxk, smg, smk, smn, sym, syn,
+    X0, W0, bias, KB, sx0m, sx0k, swk, swn,
     G_COL: tl.constexpr, K_IS_RANK: tl.constexpr, N_IS_RANK: tl.constexpr,
-    USE_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    USE_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -183,6 +192,18 @@ def _segment_mm_kernel(
             acc = tl.dot(xt, mt, acc, input_precision=PREC)
         if USE_SCALE:
             acc = acc * tl.load(scales + seg)
+    if BASE:  # the frozen base product, accumulated onto the LoRA tile before the one store
+        for k0 in range(0, KB, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < KB
+            xt = tl.load(X0 + rows[:, None] * sx0m + ks[None, :] * sx0k, mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+            wt = tl.load(W0 + ks[:, None] * swk + cols[None, :] * swn, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if UPCAST:
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     ptrs = Y + rows[:, None] * sym + cols[None, :] * syn
     mask = rmask[:, None] & cmask[None, :]
     if ACCUMULATE:
@@ -230,22 +251,27 @@ def _group_outer_kernel(
 
 
 def segment_mm(X, M_strides, M, Y, plan: Plan, K: int, *, g_col: int, k_is_rank: bool,
-               n_is_rank: bool, use_scale: bool, accumulate: bool = False):
+               n_is_rank: bool, use_scale: bool, accumulate: bool = False, base=None):
     """Launch ``_segment_mm_kernel`` writing ``Y`` [N, NOUT] (every row, unless ``accumulate``).
     ``M_strides`` = strides of M[group, k, n]; ``K`` is X's column count (the padded rank R when
-    ``k_is_rank``)."""
+    ``k_is_rank``). ``base = (X0, W0, W0_strides, bias)`` adds ``X0 @ W0 + bias`` to every row,
+    with ``W0[k, n]`` read through ``W0_strides`` and ``bias`` [NOUT] or None."""
     NOUT = Y.shape[1]
     if plan.num_tiles == 0 or NOUT == 0:
         return Y
+    X0, W0, (swk, swn), bias = base if base is not None else (X, M, (0, 0), None)
+    KB = X0.shape[1] if base is not None else 0
     BN = _pow2(NOUT, hi=64)
-    BK = _pow2(K, hi=64)
+    BK = _pow2(max(K, KB), hi=64)
     smg, smk, smn = M_strides
     grid = (plan.num_tiles, triton.cdiv(NOUT, BN))
     _segment_mm_kernel[grid](
         X, M, Y, plan.tiles, plan.segs, plan.scales, K, NOUT,
         X.stride(0), X.stride(1), smg, smk, smn, Y.stride(0), Y.stride(1),
+        X0, W0, bias if bias is not None else Y, KB, X0.stride(0), X0.stride(1), swk, swn,
         G_COL=g_col, K_IS_RANK=k_is_rank, N_IS_RANK=n_is_rank, USE_SCALE=use_scale,
-        ACCUMULATE=accumulate, BM=BLOCK_M, BN=BN, BK=BK, PREC=_prec(X), UPCAST=_upcast(X),
+        ACCUMULATE=accumulate, BASE=base is not None, HAS_BIAS=bias is not None,
+        BM=plan.block_m, BN=BN, BK=BK, PREC=_prec(X), UPCAST=_upcast(X),
     )
     return Y
 
