@@ -19,9 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lorafleet.kernels import dispatch  # noqa: E402
 from lorafleet.kernels.dispatch import Segment  # noqa: E402
-from lorafleet.kernels.grouped_mm.reference import grouped_mm as gmm_ref  # noqa: E402
 from lorafleet.kernels.segment_lora import triton_kernels as K  # noqa: E402
-from lorafleet.kernels.segment_lora.reference import segment_lora as seg_ref  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(K._segment_mm_kernel, InterpretedFunction):
     importlib.reload(K)  # imported before TRITON_INTERPRET was set: decorate the kernels again
