@@ -295,3 +295,27 @@ def test_fleet_triton_backend_matches_reference(arch, fuse, monkeypatch):
     assert len(grads_tri) == len(grads_ref) > 0
     assert rel(logits_tri, logits_ref) <= FP32
     assert max(rel(a, b) for a, b in zip(grads_tri, grads_ref)) <= FP32
+
+
+def test_autotune_candidates_fit_the_problem(monkeypatch):
+    """Candidates are clamped to the problem (a rank-16 shrink never times 128-wide columns) and
+    de-duplicated; the interpreter and LORAFLEET_AUTOTUNE=0 use the fixed heuristic blocks."""
+    from lorafleet.kernels.segment_lora import tuning
+
+    seg = tuning._configs(tuning.SEGMENT_MM_CANDIDATES, ("BN", "BK"))
+    shrink = tuning.prune_segment_mm(seg, {"NOUT": 16, "K": 4096, "KB": 0})
+    assert {c.kwargs["BN"] for c in shrink} == {16} and max(c.kwargs["BK"] for c in shrink) == 128
+    assert len(shrink) == len({(c.kwargs["BK"], c.num_warps, c.num_stages) for c in shrink}) < len(seg)
+    fused = tuning.prune_segment_mm(seg, {"NOUT": 4096, "K": 16, "KB": 4096})
+    assert len(fused) == len(seg) and max(c.kwargs["BN"] for c in fused) == 256
+    outer = tuning.prune_group_outer(tuning._configs(tuning.GROUP_OUTER_CANDIDATES, ("BI", "BJ", "BM")),
+                                     {"I": 7, "J": 70})
+    assert {c.kwargs["BI"] for c in outer} == {16} and max(c.kwargs["BJ"] for c in outer) == 128
+    assert not tuning.enabled(interpret=True)
+    monkeypatch.setenv("LORAFLEET_AUTOTUNE", "0")
+    assert not tuning.enabled(interpret=False)
+    monkeypatch.setenv("LORAFLEET_AUTOTUNE", "1")
+    assert tuning.enabled(interpret=False)
+    monkeypatch.setenv("LORAFLEET_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="LORAFLEET_AUTOTUNE"):
+        tuning.enabled(interpret=False)

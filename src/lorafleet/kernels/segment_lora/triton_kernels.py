@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
 BLOCK_M = 32  # row tile of the plan: shared by every launch over one plan
 SEG_FIELDS = 5  # start, end, a_index, b_index, rank
 
@@ -261,18 +263,19 @@ def segment_mm(X, M_strides, M, Y, plan: Plan, K: int, *, g_col: int, k_is_rank:
         return Y
     X0, W0, (swk, swn), bias = base if base is not None else (X, M, (0, 0), None)
     KB = X0.shape[1] if base is not None else 0
-    BN = _pow2(NOUT, hi=64)
-    BK = _pow2(max(K, KB), hi=64)
     smg, smk, smn = M_strides
-    grid = (plan.num_tiles, triton.cdiv(NOUT, BN))
-    _segment_mm_kernel[grid](
-        X, M, Y, plan.tiles, plan.segs, plan.scales, K, NOUT,
-        X.stride(0), X.stride(1), smg, smk, smn, Y.stride(0), Y.stride(1),
-        X0, W0, bias if bias is not None else Y, KB, X0.stride(0), X0.stride(1), swk, swn,
-        G_COL=g_col, K_IS_RANK=k_is_rank, N_IS_RANK=n_is_rank, USE_SCALE=use_scale,
-        ACCUMULATE=accumulate, BASE=base is not None, HAS_BIAS=bias is not None,
-        BM=plan.block_m, BN=BN, BK=BK, PREC=_prec(X), UPCAST=_upcast(X),
-    )
+    args = (X, M, Y, plan.tiles, plan.segs, plan.scales, K, NOUT,
+            X.stride(0), X.stride(1), smg, smk, smn, Y.stride(0), Y.stride(1),
+            X0, W0, bias if bias is not None else Y, KB, X0.stride(0), X0.stride(1), swk, swn)
+    flags = dict(G_COL=g_col, K_IS_RANK=k_is_rank, N_IS_RANK=n_is_rank, USE_SCALE=use_scale,
+                 ACCUMULATE=accumulate, BASE=base is not None, HAS_BIAS=bias is not None,
+                 BM=plan.block_m, PREC=_prec(X), UPCAST=_upcast(X))
+    if tuning.enabled(INTERPRET):
+        grid = lambda meta: (plan.num_tiles, triton.cdiv(NOUT, meta["BN"]))  # noqa: E731
+        tuning.tuned("segment_mm", _segment_mm_kernel)[grid](*args, **flags)
+    else:
+        BN, BK = _pow2(NOUT, hi=64), _pow2(max(K, KB), hi=64)
+        _segment_mm_kernel[(plan.num_tiles, triton.cdiv(NOUT, BN))](*args, **flags, BN=BN, BK=BK)
     return Y
 
 
@@ -285,11 +288,14 @@ def group_outer(P, Q, O, plan: Plan, groups: GroupIndex, *, use_scale: bool):
     U = groups.used.numel()
     if U == 0 or I == 0 or J == 0:
         return O
-    BI, BJ = _pow2(I, hi=64), _pow2(J, hi=64)
-    grid = (U, triton.cdiv(I, BI) * triton.cdiv(J, BJ))
-    _group_outer_kernel[grid](
-        P, Q, O, groups.used, groups.ptr, groups.seg_ids, plan.segs, plan.scales, I, J,
-        P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), O.stride(0), O.stride(1), O.stride(2),
-        USE_SCALE=use_scale, BM=BLOCK_M, BI=BI, BJ=BJ, PREC=_prec(P), UPCAST=_upcast(P),
-    )
+    args = (P, Q, O, groups.used, groups.ptr, groups.seg_ids, plan.segs, plan.scales, I, J,
+            P.stride(0), P.stride(1), Q.stride(0), Q.stride(1), O.stride(0), O.stride(1), O.stride(2))
+    flags = dict(USE_SCALE=use_scale, PREC=_prec(P), UPCAST=_upcast(P))
+    if tuning.enabled(INTERPRET):
+        grid = lambda meta: (U, triton.cdiv(I, meta["BI"]) * triton.cdiv(J, meta["BJ"]))  # noqa: E731
+        tuning.tuned("group_outer", _group_outer_kernel)[grid](*args, **flags)
+    else:
+        BI, BJ = _pow2(I, hi=64), _pow2(J, hi=64)
+        grid = (U, triton.cdiv(I, BI) * triton.cdiv(J, BJ))
+        _group_outer_kernel[grid](*args, **flags, BM=BLOCK_M, BI=BI, BJ=BJ)
     return O
