@@ -63,7 +63,7 @@ def fleet_pair(arch="qwen3_moe", names="abcd", pin=True):
         f16.add_adapter(n, CONFIGS[n])
         f32.add_adapter(n, CONFIGS[n])
         g = torch.Generator().manual_seed(10 + i)
-        w = f16.get_adapter_weights(n)
+        w = f16.get_adapter_weights(n, dtype=BF16)
         for k, t in w.tensors():
             if k.endswith(".B"):  # non-zero B so gradients reach A too
                 t.copy_(torch.randn(t.shape, generator=g) * 0.05)
@@ -112,7 +112,7 @@ def test_logits_and_grads_match_fp32(arch, names):
     r16, r32 = f16.forward_backward(ex), f32.forward_backward(ex)
     err["loss"] = rel(torch.tensor(r16.losses), torch.tensor(r32.losses))
     for n in names:
-        assert all(g.dtype == BF16 for g in f16.adapter_grads(n))
+        assert all(g.dtype == torch.float32 for g in f16.adapter_grads(n))  # the fp32 accumulator
         err[f"grad {n}"] = rel(grads(f16, n), grads(f32, n))
     print(arch, {k: f"{v:.1e}" for k, v in err.items()})
     assert max(err.values()) <= 1e-2, err
@@ -203,6 +203,45 @@ def test_set_adapter_weights_keeps_fp32_precision_in_master():
     assert all(torch.equal(master[k], w32[k]) for k in w32)
 
 
+def test_accumulation_across_calls_is_fp32():
+    """K micro-batches in K forward_backward calls: the accumulated gradient is the fp32 sum of the
+    per-call bf16 gradients, bitwise (summed in the bf16 bank it was 6.7e-3 off the fp64 sum at
+    K=32), and the step equals AdamW on that sum. One call's gradient is the bf16 one, exactly."""
+    K = 32
+    acc, ref = fleet_pair("qwen3", "ab", pin=False)[0], fleet_pair("qwen3", "ab", pin=False)[0]
+    seq32 = s64 = s16 = None
+    for s in range(K):
+        ex = batch("ab", 100 + s, n=1)
+        acc.forward_backward(ex)
+        ref.forward_backward(ex)
+        g = ref.adapter_grads("a")  # this call's gradient alone: the bf16 bank values, upcast
+        assert all(torch.equal(t, t.to(BF16).float()) for t in g)
+        if seq32 is None:
+            seq32, s64, s16 = [t.clone() for t in g], [t.double() for t in g], [t.to(BF16) for t in g]
+        else:
+            for i, t in enumerate(g):
+                seq32[i] += t
+                s64[i] += t.double()
+                s16[i] += t.to(BF16)  # what accumulating in the bf16 .grad did
+        ref.zero_grad("a")
+        ref.zero_grad("b")
+    got = acc.adapter_grads("a")
+    assert all(g.dtype == torch.float32 for g in got)
+    assert all(torch.equal(a, b) for a, b in zip(got, seq32))
+    flat = lambda ts: torch.cat([t.double().flatten() for t in ts])  # noqa: E731
+    err_new, err_old = rel(flat(got), flat(s64)), rel(flat(s16), flat(s64))
+    print(f"accumulation error vs fp64 sum: fp32 {err_new:.1e}, bf16 {err_old:.1e}")
+    assert err_new < 1e-6 < 1e-4 < err_old
+    # the step reads the fp32 sum; the bank's .grad holds nothing once moved
+    views = ref.adapter_views("a")
+    adamw_step([(k, p[idx]) for k, p, idx in views], seq32, ref.train_state("a").adam, ref.train_state("a").optim)
+    acc.optim_step(["a"])
+    assert all(p.grad is None or not p.grad[idx].any() for _, p, idx in acc.adapter_views("a"))
+    assert acc.train_state("a").grad_acc == {} and acc.train_state("b").grad_acc  # "b" still pending
+    a, b = weights(acc, "a"), weights(ref, "a")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------ (d) checkpoints
 def test_save_load_state_continues_bitwise(tmp_path):
     f16, _ = fleet_pair("qwen3_moe", "bc", pin=False)
@@ -234,6 +273,72 @@ def test_save_load_state_continues_bitwise(tmp_path):
     w32 = weights(f32, "b")
     assert f32.train_state("b").adam.master == {}
     assert all(torch.equal(w32[k], sa.master[k]) for k in a)
+
+
+# ------------------------------------------------------------------ (e) exports carry the masters
+def trained_bf16(arch="qwen3_moe", names="bc", steps=3):
+    f16, _ = fleet_pair(arch, names, pin=False)
+    for n in names:
+        f16.set_optimizer(n, OptimConfig(lr=1e-4))  # sub-ulp steps: masters and bank differ
+    for s in range(steps):
+        f16.forward_backward(batch(names, 20 + s))
+        f16.optim_step()
+    return f16
+
+
+def test_exports_carry_fp32_masters(tmp_path):
+    from safetensors.torch import load_file
+
+    f16 = trained_bf16()
+    for n in "bc":
+        views, master = f16.adapter_views(n), f16.train_state(n).adam.master
+        w = dict(f16.get_adapter_weights(n).tensors())
+        assert all(t.dtype == torch.float32 and torch.equal(t, master[k]) for k, t in w.items())
+        assert any(not torch.equal(master[k], p[idx].float()) for k, p, idx in views)  # precision the bank lacks
+        w16 = dict(f16.get_adapter_weights(n, dtype=BF16).tensors())  # the bank's values
+        assert all(torch.equal(w16[k], p[idx]) for k, p, idx in views)
+        for fmt in ("peft", "vllm", "sglang"):
+            f16.save_adapter(n, tmp_path / f"{n}-{fmt}", format=fmt)
+            tensors = load_file(str(tmp_path / f"{n}-{fmt}" / "adapter_model.safetensors"))
+            assert all(t.dtype == torch.float32 for t in tensors.values()), fmt
+            dense = {k: t for k, t in tensors.items() if ".self_attn." in k}
+            assert dense and all(any(torch.equal(t, m) for m in master.values()) for t in dense.values()), fmt
+        f16.save_adapter(n, tmp_path / f"{n}-bf16", dtype=BF16)
+        assert all(t.dtype == BF16 for t in load_file(str(tmp_path / f"{n}-bf16" / "adapter_model.safetensors")).values())
+    # a master made stale by writing the bank from outside exports the bank
+    _, p, idx = f16.adapter_views("b")[0]
+    with torch.no_grad():
+        p[idx] = 0.5
+    assert torch.equal(f16.get_adapter_weights("b").dense[f16.adapter_views("b")[0][0][:-2]][0], p[idx].float())
+    with pytest.raises(ValueError, match="dtype"):
+        f16.get_adapter_weights("b", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("export_dtype", [None, BF16])
+def test_saved_adapter_continues_training_identically(tmp_path, export_dtype):
+    """save_adapter -> load_adapter into a fresh bf16 fleet -> train: bitwise the same as the
+    original continuing with fresh moments (reset_optimizer keeps the masters). Exported in
+    bf16, the masters' extra bits are lost and the runs differ."""
+    f16 = trained_bf16(names="b")
+    f16.save_adapter("b", tmp_path / "b", dtype=export_dtype)
+    f16.reset_optimizer("b")
+    fresh = lf.Fleet(build_debug_model("qwen3_moe", seed=0).to(BF16), max_adapters=4, max_rank=8)
+    fresh.add_adapter("z", CONFIGS["c"])  # a neighbour, so "b" lands in another slot
+    fresh.load_adapter("b", tmp_path / "b")
+    mo, mf = f16.train_state("b").adam.master, fresh.train_state("b").adam.master
+    assert all(torch.equal(p[idx], q[jdx]) for (_, p, idx), (_, q, jdx)
+               in zip(f16.adapter_views("b"), fresh.adapter_views("b")))  # the same bank either way
+    for fl in (f16, fresh):
+        fl.set_optimizer("b", OptimConfig(lr=1e-4))
+        for s in range(3):
+            fl.forward_backward(batch("b", 40 + s))
+            fl.optim_step(["b"])
+    a, b = weights(f16, "b"), weights(fresh, "b")
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    if export_dtype is None:
+        assert all(torch.equal(mo[k], mf[k]) for k in a) and same
+    else:
+        assert not same
 
 
 # ------------------------------------------------------------------ sampling

@@ -15,6 +15,7 @@ from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
 from .sampling import SamplingMixin
 from .state import StateMixin
+from .optim import LossScaler
 from .training import AdapterTrainState, TrainingMixin
 
 
@@ -122,7 +123,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
                                          config.expert_sharing)
         self._slots[name], self._configs[name] = slot, config
-        self._train[name] = AdapterTrainState()  # a reused slot starts with zero moments, step 0
+        # a reused slot starts with zero moments, step 0; fp16 gets a fresh loss scale
+        self._train[name] = AdapterTrainState(scaler=LossScaler() if self.needs_loss_scaling else None)
         self._reset_slot(slot, config, set(paths))
         return slot
 
@@ -240,9 +242,17 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         return views
 
     @torch.no_grad()
-    def get_adapter_weights(self, name: str) -> AdapterWeights:
-        """A copy of the adapter's factors (rank-sliced, shared factors with expert dim 1)."""
+    def get_adapter_weights(self, name: str, dtype: torch.dtype | None = None) -> AdapterWeights:
+        """A copy of the adapter's factors (rank-sliced, shared factors with expert dim 1).
+
+        Low-precision (bf16/fp16) banks export fp32: each factor's fp32 master where the adapter
+        has one that still rounds to the bank, else the bank value upcast (exact). fp32 banks
+        export their values. ``dtype`` casts every factor (e.g. ``torch.bfloat16``: the bank's
+        rounded values, half the bytes)."""
         slot = self.slot_of(name)  # unknown name -> ValueError before anything else
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"export dtype must be a floating torch.dtype, got {dtype!r}")
+        masters = self._train[name].adam.master
         w = AdapterWeights(self._configs[name], model_type=self.spec.model_type,
                            base_model_name_or_path=str(getattr(self.model.config, "_name_or_path", "") or ""),
                            experts_arch=self.experts_arch())
@@ -251,7 +261,12 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
             path, which = key.rsplit(".", 1)  # which: "A" | "B"
             head, proj = path.rsplit(".", 1)
             group = (head, proj) if head in self._att.experts else (path, None)
-            pairs.setdefault(group, [None, None])["AB".index(which)] = p[idx].clone()
+            v = p[idx]
+            if v.dtype != torch.float32:
+                m = masters.get(key)
+                v = m if m is not None and m.shape == v.shape and torch.equal(m.to(v.dtype), v) else v.float()
+            v = v.clone() if dtype is None or v.dtype == dtype else v.to(dtype)
+            pairs.setdefault(group, [None, None])["AB".index(which)] = v
         for (path, proj), (a, b) in pairs.items():
             if proj is None:
                 w.dense[path] = (a, b)
@@ -327,10 +342,13 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         w = load_adapter_dir(path, experts_arch=self.experts_arch(), model_type=self.spec.model_type)
         return self.add_adapter_from_weights(name, w)
 
-    def save_adapter(self, name: str, path: str | os.PathLike, format: str = "peft") -> None:
+    def save_adapter(self, name: str, path: str | os.PathLike, format: str = "peft",
+                     dtype: torch.dtype | None = None) -> None:
+        """Write the adapter as a PEFT / vLLM / SGLang directory. Tensors are `get_adapter_weights`'s:
+        fp32 (the masters) for a low-precision bank unless ``dtype`` says otherwise."""
         from ..adapters.formats import save_adapter_dir
 
-        save_adapter_dir(self.get_adapter_weights(name), path, format=format)
+        save_adapter_dir(self.get_adapter_weights(name, dtype=dtype), path, format=format)
 
     # --------------------------------------------------------------- teardown
     def detach(self):

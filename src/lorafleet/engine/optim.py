@@ -7,7 +7,8 @@ another adapter's slot.
 
 Low-precision (bf16/fp16) factors train in mixed precision: the moments and an fp32 master copy
 of every factor live in the adapter's `AdamState`; the step runs on the master and rounds it back
-into the bank, so updates below half a bf16 ulp accumulate instead of vanishing.
+into the bank, so updates below half a bf16 ulp accumulate instead of vanishing. fp16 adds a
+per-adapter dynamic loss scale (`LossScaler`), because fp16's range is too small for gradients.
 """
 
 from __future__ import annotations
@@ -93,6 +94,65 @@ class AdamState:
     exp_avg_sq: dict[str, torch.Tensor] = field(default_factory=dict)
     # fp32 master copies of low-precision (bf16/fp16) factors; empty for fp32 weights
     master: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scale of one adapter (fp16 training; see docs/precision.md).
+
+    `forward_backward` multiplies the adapter's loss by ``scale`` before backward and divides its
+    gradients by it when moving them into the fp32 accumulator; `optim_step` skips the adapter's
+    step if its gradient holds an inf/nan and multiplies ``scale`` by ``backoff_factor``, and
+    multiplies it by ``growth_factor`` after ``growth_interval`` clean steps in a row (torch's
+    `GradScaler` rule, per adapter). The scale may fall below 1. The initial 2^12 is below
+    torch's 2^16 because lorafleet's losses are per-example sums over tokens: a LoRA gradient
+    grows with the tokens in the batch, and 2^16 (even 2^15) already overflows fp16 on a toy batch
+    of unit-weight cross-entropy, which would skip the first steps.
+    """
+
+    scale: float = 2.0**12
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 200
+    good_steps: int = 0  # clean steps since the scale last changed
+    skipped_steps: int = 0  # total steps skipped for inf/nan gradients
+
+    def __post_init__(self):
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"LossScaler.scale must be a finite number > 0, got {self.scale!r}")
+        if not (self.growth_factor >= 1 and 0 < self.backoff_factor < 1):
+            raise ValueError("LossScaler needs growth_factor >= 1 and 0 < backoff_factor < 1")
+        if self.growth_interval < 1:
+            raise ValueError(f"LossScaler.growth_interval must be >= 1, got {self.growth_interval}")
+
+    def update(self, finite: bool) -> None:
+        """Account for one optimizer step whose gradient was (not) all finite."""
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped_steps += 1
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "LossScaler":
+        unknown = set(d) - set(LossScaler.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown loss scaler field(s): {sorted(unknown)}")
+        return LossScaler(**d)
+
+
+def all_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient is free of inf/nan (one host sync)."""
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def grad_norm(grads: list[torch.Tensor]) -> float:

@@ -4,12 +4,15 @@ schedule (plus any pending gradients and caller extras such as a data cursor), w
 Directory layout::
 
     state.json          {"format": "lorafleet-state", "version": 1, "adapter": {...},
-                         "optim": {...}, "step": n, "pending": bool, "extra": {...}}
+                         "optim": {...}, "step": n, "pending": bool, "extra": {...},
+                         "loss_scale": {...} (fp16: the adapter's LossScaler, if any)}
     tensors.safetensors weight/<key>, exp_avg/<key>, exp_avg_sq/<key>, grad/<key> (if pending),
                         master/<key> (fp32 master copies of bf16/fp16 weights, if any)
 
-Weights and gradients keep the bank's dtype; moments and masters are fp32. Loading into a
-low-precision bank seeds each master from ``master/<key>`` (else ``weight/<key>``); loading a
+Weights keep the bank's dtype; moments and masters are fp32; gradients are what
+`adapter_grads` returns (the bank's dtype for fp32 banks, the unscaled fp32 accumulator for
+low-precision ones). Loading into a low-precision bank seeds each master from ``master/<key>``
+(else ``weight/<key>``) and puts pending gradients in the fp32 accumulator; loading a
 low-precision checkpoint into an fp32 bank takes the weights from the masters.
 """
 
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import AdapterConfig
 from ..utils.atomic import atomic_dir
-from .optim import AdamState, OptimConfig
+from .optim import AdamState, LossScaler, OptimConfig
 
 STATE_FILE, TENSORS_FILE, FORMAT, VERSION = "state.json", "tensors.safetensors", "lorafleet-state", 1
 
@@ -47,6 +50,8 @@ class StateMixin:
                 tensors[f"master/{key}"] = master.cpu().contiguous().clone()
         meta = {"format": FORMAT, "version": VERSION, "adapter": self._configs[name].to_dict(),
                 "optim": st.optim.to_dict(), "step": st.adam.step, "pending": st.pending, "extra": extra or {}}
+        if st.scaler is not None:
+            meta["loss_scale"] = st.scaler.to_dict()
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / TENSORS_FILE))
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -58,6 +63,7 @@ class StateMixin:
         meta, tensors = read_state(path)
         config = AdapterConfig.from_dict(meta["adapter"])
         optim = OptimConfig.from_dict(meta["optim"])
+        scaler = LossScaler.from_dict(meta["loss_scale"]) if meta.get("loss_scale") is not None else None
         exists = name in self.adapters
         if exists and self._configs[name].to_dict() != config.to_dict():
             raise ValueError(f"{path}: checkpoint of adapter config {config.to_dict()} does not match "
@@ -83,26 +89,35 @@ class StateMixin:
         if not exists:
             self.add_adapter(name, config, slot=slot)
         dev = self.lora_device
-        masters = {}
+        st = self._train[name]
+        if self.needs_loss_scaling:  # fp16: the checkpoint's scale, else a fresh one
+            st.scaler = scaler or LossScaler()
+        else:
+            st.scaler = None
+        fp32_grads = self._fp32_grads(name)
+        masters, grad_acc = {}, {}
         with torch.no_grad():
             for k, p, idx in self.adapter_views(name):
                 best = tensors.get(f"master/{k}", tensors[f"weight/{k}"])  # the most precise copy
                 p[idx] = best.to(p)
                 if p.dtype != torch.float32:
                     masters[k] = best.to(device=dev, dtype=torch.float32, copy=True)
-                if meta["pending"]:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad[idx] = tensors[f"grad/{k}"].to(p.grad)
-                elif p.grad is not None:
+                if p.grad is not None:
                     p.grad[idx].zero_()
+                if meta["pending"]:
+                    g = tensors[f"grad/{k}"]
+                    if fp32_grads:
+                        grad_acc[k] = g.to(device=dev, dtype=torch.float32, copy=True)
+                    else:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        p.grad[idx] = g.to(p.grad)
         adam = AdamState(step=int(meta["step"]), master=masters)
         for k in expected:
             if f"exp_avg/{k}" in tensors:
                 adam.exp_avg[k] = tensors[f"exp_avg/{k}"].to(dev)
                 adam.exp_avg_sq[k] = tensors[f"exp_avg_sq/{k}"].to(dev)
-        st = self._train[name]
-        st.optim, st.adam, st.pending = optim, adam, bool(meta["pending"])
+        st.optim, st.adam, st.pending, st.grad_acc = optim, adam, bool(meta["pending"]), grad_acc
         return meta.get("extra", {})
 
     def _expected_shapes(self, config: AdapterConfig, paths: set[str]) -> dict[str, tuple]:

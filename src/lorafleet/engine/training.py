@@ -1,9 +1,13 @@
 """Training on a fleet: `forward_backward` over mixed-adapter examples, per-adapter `optim_step`.
 
 Every adapter keeps its own optimizer config, AdamW moments, step count and pending-gradient
-flag. Gradients accumulate in the slot tensors across `forward_backward` calls until that
-adapter's `optim_step`; the losses are per-example sums, so nothing one adapter computes depends
-on another adapter's rows.
+flag. Gradients accumulate across `forward_backward` calls until that adapter's `optim_step`;
+the losses are per-example sums, so nothing one adapter computes depends on another adapter's
+rows. fp32 factors accumulate in the slot tensors' ``.grad``. Low-precision (bf16/fp16) factors
+accumulate in fp32: after each backward the adapter's rank-sliced bank gradient is moved (added,
+then zeroed) into an fp32 buffer of its own (``AdapterTrainState.grad_acc``), so summing many
+micro-batches does not round at bf16 precision each time. fp16 also scales each adapter's loss
+by its `LossScaler` before backward and unscales when moving the gradient.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from ..types import Example
 from .logprobs import token_logprobs
 from .losses import NEEDS, dpo, example_loss, resolve_config
-from .optim import AdamState, OptimConfig, adamw_step
+from .optim import AdamState, LossScaler, OptimConfig, adamw_step, all_finite, grad_norm
 
 
 @dataclass
@@ -23,6 +27,9 @@ class AdapterTrainState:
     optim: OptimConfig = field(default_factory=OptimConfig)
     adam: AdamState = field(default_factory=AdamState)
     pending: bool = False  # gradients accumulated since the last optim_step
+    # fp32 gradient sums of low-precision factors (keys of adapter_views), while pending
+    grad_acc: dict[str, torch.Tensor] = field(default_factory=dict)
+    scaler: LossScaler | None = None  # dynamic loss scale (fp16 only)
 
 
 @dataclass
@@ -52,26 +59,70 @@ class TrainingMixin:
 
     def reset_optimizer(self, name: str) -> None:
         """Forget an adapter's AdamW moments and step (its weights and optimizer config stay):
-        e.g. after loading weights without optimizer state."""
-        self.train_state(name).adam = AdamState()
+        e.g. after loading weights without optimizer state. fp32 master weights are weights, not
+        optimizer state: they stay."""
+        st = self.train_state(name)
+        st.adam = AdamState(master=st.adam.master)
 
     def pending_adapters(self) -> list[str]:
         return [n for n in self.adapters if self._train[n].pending]
 
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return next(self.lora_parameters()).dtype
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        """fp16 factors or an fp16 base: gradients need a loss scale to stay inside fp16's range."""
+        return torch.float16 in (self.lora_dtype, getattr(self.model, "dtype", None))
+
+    def _fp32_grads(self, name: str) -> bool:
+        """Whether the adapter's gradients accumulate in its fp32 ``grad_acc`` (low-precision
+        factors, or a loss scale to undo) instead of in the bank's ``.grad``."""
+        return self.lora_dtype != torch.float32 or self._train[name].scaler is not None
+
+    @torch.no_grad()
+    def _move_grads(self, name: str, views=None, inv_scale: float = 1.0) -> None:
+        """Add the adapter's bank gradient (times ``inv_scale``) into its fp32 ``grad_acc`` and
+        zero it in the bank. Exact for the first micro-batch: the buffer starts at zero."""
+        st = self._train[name]
+        for key, p, idx in views if views is not None else self.adapter_views(name):
+            if p.grad is None:
+                continue
+            g = p.grad[idx]
+            acc = st.grad_acc.get(key)
+            if acc is None:
+                acc = st.grad_acc[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+            acc.add_(g, alpha=inv_scale)
+            g.zero_()
+
     def adapter_grads(self, name: str, views=None) -> list[torch.Tensor]:
+        """The adapter's accumulated gradient per view: the bank's ``.grad`` slices for fp32
+        factors; fp32 tensors (unscaled) for low-precision ones. A bank gradient written by a
+        backward outside `forward_backward` is moved into the fp32 buffer first."""
         views = views if views is not None else self.adapter_views(name)
-        return [p.grad[idx] if p.grad is not None else torch.zeros_like(p[idx]) for _, p, idx in views]
+        if not self._fp32_grads(name):
+            return [p.grad[idx] if p.grad is not None else torch.zeros_like(p[idx]) for _, p, idx in views]
+        self._move_grads(name, views)
+        acc = self._train[name].grad_acc
+        return [acc[k] if k in acc else torch.zeros(p[idx].shape, dtype=torch.float32, device=p.device)
+                for k, p, idx in views]
 
     def zero_grad(self, name: str) -> None:
         for _, p, idx in self.adapter_views(name):
             if p.grad is not None:
                 p.grad[idx].zero_()
-        self._train[name].pending = False
+        st = self._train[name]
+        st.grad_acc = {}  # freed while nothing is pending
+        st.pending = False
 
     def optim_step(self, adapters: list[str] | None = None) -> dict[str, dict]:
         """AdamW-step each named adapter (default: every adapter with pending gradients) with its
         own config, schedule and clipping; then clear its gradients. Returns per-adapter metrics
-        (lr, grad_norm before clipping, step)."""
+        (lr, grad_norm before clipping, step). An adapter with a loss scaler (fp16) also reports
+        ``loss_scale`` (for its next forward_backward) and ``skipped``: a gradient with an inf/nan
+        skips that adapter's step (weights, moments and step count untouched) and lowers its
+        scale; the other adapters step as usual."""
         names = self.pending_adapters() if adapters is None else list(adapters)
         for n in names:
             self.slot_of(n)  # every name is checked before any adapter steps
@@ -79,7 +130,18 @@ class TrainingMixin:
         for n in names:
             st = self._train[n]
             views = self.adapter_views(n)
-            out[n] = adamw_step([(k, p[idx]) for k, p, idx in views], self.adapter_grads(n, views), st.adam, st.optim)
+            grads = self.adapter_grads(n, views)
+            scaler = st.scaler
+            finite = True
+            if scaler is not None:
+                finite = all_finite(grads)
+                scaler.update(finite)
+            if finite:
+                out[n] = adamw_step([(k, p[idx]) for k, p, idx in views], grads, st.adam, st.optim)
+            else:
+                out[n] = {"lr": st.optim.lr_at(st.adam.step), "grad_norm": grad_norm(grads), "step": st.adam.step}
+            if scaler is not None:
+                out[n].update(loss_scale=scaler.scale, skipped=not finite)
             self.zero_grad(n)
         return out
 
@@ -121,9 +183,16 @@ class TrainingMixin:
             ent_rows = dict(zip(rows, ent_flat.split(lens)))
             losses = self._losses(examples, lp_rows, loss_fn, cfg, dev)
             if not forward_only:
-                total = torch.stack(list(losses.values())).sum() if losses else None
+                scale = {i: self._train[examples[i].adapter].scaler.scale for i in losses
+                         if self._train[examples[i].adapter].scaler is not None}
+                parts = [loss * scale[i] if i in scale else loss for i, loss in losses.items()]
+                total = torch.stack(parts).sum() if parts else None
                 if total is not None and total.requires_grad:
                     total.backward()
+                    for n in dict.fromkeys(examples[i].adapter for i in losses):
+                        if self._fp32_grads(n):
+                            sc = self._train[n].scaler
+                            self._move_grads(n, inv_scale=1.0 if sc is None else 1.0 / sc.scale)
         return self._result(examples, lp_rows, ent_rows, losses, forward_only)
 
     @property
