@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lorafleet as lf
-from lorafleet.engine.optim import LossScaler, OptimConfig
+from lorafleet.engine import LossScaler, OptimConfig
 from lorafleet.models.debug import build_debug_model
 from peft_ref import rel
 

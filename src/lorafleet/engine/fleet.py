@@ -26,7 +26,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     for slot-routed LoRA layers in place. ``forward(..., adapters=[name | None per row])`` runs a
     batch whose rows belong to different adapters (``None``: the base model).
     ``dtype``: the LoRA factors' dtype (default: the base's). A bf16 base trains in mixed precision:
-    bf16 compute, fp32 loss math, AdamW moments and master weights (see docs/precision.md).
+    bf16 compute; fp32 loss math, gradient accumulation, AdamW moments and master weights; an
+    fp16 base adds a per-adapter dynamic loss scale (see docs/precision.md).
     """
 
     def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool = True, dtype=None):

@@ -86,6 +86,7 @@ class TrainingMixin:
         """Add the adapter's bank gradient (times ``inv_scale``) into its fp32 ``grad_acc`` and
         zero it in the bank. Exact for the first micro-batch: the buffer starts at zero."""
         st = self._train[name]
+        accs, gs = [], []
         for key, p, idx in views if views is not None else self.adapter_views(name):
             if p.grad is None:
                 continue
@@ -93,8 +94,11 @@ class TrainingMixin:
             acc = st.grad_acc.get(key)
             if acc is None:
                 acc = st.grad_acc[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-            acc.add_(g, alpha=inv_scale)
-            g.zero_()
+            accs.append(acc)
+            gs.append(g)
+        if gs:  # multi-tensor ops: CUDA can batch what would be views x 2 tiny kernels (unmeasured)
+            torch._foreach_add_(accs, gs, alpha=inv_scale)
+            torch._foreach_zero_(gs)
 
     def adapter_grads(self, name: str, views=None) -> list[torch.Tensor]:
         """The adapter's accumulated gradient per view: the bank's ``.grad`` slices for fp32
