@@ -10,6 +10,11 @@ kernel modules are first imported), which is how CI tests it. Dtypes the kernels
 (``lora_linear``, LoRAFusion's fusion) on the Triton backend. It is off by default: the fused pass
 replaces cuBLAS with a Triton GEMM for the base, which only pays if that GEMM is as fast as
 cuBLAS on the device at hand, and that has not been measured yet (``bench/bench_lora_kernels.py``).
+
+The frozen expert GEMM (``grouped_mm``) has a third backend, ``torch._grouped_mm`` (the library
+grouped GEMM). ``LORAFLEET_GROUPED_MM=torch|triton`` forces one; by default (``auto``) it is used on
+Hopper-or-newer CUDA devices for bf16/fp16 weights whose shapes it takes, unless
+``LORAFLEET_KERNELS`` forces a backend for everything.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from .grouped_mm.reference import grouped_mm as _grouped_mm_ref
 from .lora_linear.reference import lora_linear as _lora_linear_ref
 from .segment_lora.reference import Segment, segment_lora as _segment_lora_ref
 
-__all__ = ["Segment", "segment_lora", "lora_linear", "grouped_mm", "backend", "fuse_base"]
+__all__ = ["Segment", "segment_lora", "lora_linear", "grouped_mm", "backend", "grouped_backend", "fuse_base"]
 
 ENV = "LORAFLEET_KERNELS"
 FUSE_ENV = "LORAFLEET_FUSE_BASE"
+GROUPED_ENV = "LORAFLEET_GROUPED_MM"
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -80,8 +86,31 @@ def lora_linear(x, W, bias, A, B, segments):
     return _lora_linear_ref(x, W, bias, A, B, segments)
 
 
+def grouped_backend(x, W, offsets, transposed=False) -> str:
+    """'torch', 'triton' or 'reference' for the frozen expert GEMM (see the module docstring)."""
+    choice = os.environ.get(GROUPED_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{GROUPED_ENV}={choice!r}: expected 'torch', 'triton' or 'auto'")
+    if choice == "torch":
+        return "torch"
+    kernels = backend(W)
+    if choice == "auto" and kernels == "triton" and x.device.type == "cuda" and W.dtype != torch.float32 \
+            and os.environ.get(ENV, "auto").strip().lower() in ("", "auto") \
+            and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        from .grouped_mm.torch_op import unsupported
+
+        if unsupported(x, W, [int(o) for o in offsets], transposed) is None:
+            return "torch"
+    return kernels
+
+
 def grouped_mm(x, W, offsets, transposed=False):
-    if backend(W) == "triton":
+    which = grouped_backend(x, W, offsets, transposed)
+    if which == "torch":
+        from .grouped_mm.torch_op import grouped_mm as _torch
+
+        return _torch(x, W, offsets, transposed)
+    if which == "triton":
         from .grouped_mm.triton_op import grouped_mm as _tri
 
         return _tri(x, W, offsets, transposed)
