@@ -154,8 +154,8 @@ def build_causal_lm(config, device, dtype, seed, std=0.02):
         no_init_weights = nullcontext
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if any(p.device != torch.device(device) for p in model.parameters()):
-        model.to(device)
+    if any(p.device.type != torch.device(device).type for p in model.parameters()):
+        model.to(device)  # the device context did not take (it does with transformers 5.17)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
