@@ -9,8 +9,11 @@ and ``--tokens`` T = 8192 tokens, every row times forward + backward (``y.backwa
                   tokens; A/B are the 16-slot bank (``[16, r, in]`` / ``[16, out, r]``, r = 16)
                   and get gradients, as in a training step
   lora16/<be>     the same with 16 adapters, T/16 tokens each (16 segments)
-  fused1/<be>, fused16/<be>   ``dispatch.lora_linear(x, W, None, A, B, segments)`` (base + LoRA in one
-                  op), only when that function exists in ``lorafleet.kernels.dispatch``
+  epi1/<be>, epi16/<be>     ``dispatch.lora_linear(..., mode="epilogue")``: cuBLAS base, the LoRA
+                  added into its output (and into its dX) in place -- the layers' default on Triton
+  gemm1/<be>, gemm16/<be>   ``dispatch.lora_linear(..., mode="gemm")``: LoRAFusion's one Triton pass
+                  for base GEMM + LoRA (``LORAFLEET_FUSE_BASE=gemm``); on ``reference`` both
+                  fused kinds are the plain composition (base, delta, add)
 
 ``<be>`` is the backend, forced per row through ``LORAFLEET_KERNELS`` (read on every call):
 ``reference`` (plain torch) and, on CUDA, ``triton``. Reported per shape: the LoRA rows' extra time
@@ -105,14 +108,13 @@ def run_shape(b, args, d_in, d_out):
             (F.linear(x, W) + dispatch.segment_lora(x, A, Bf, segs[n])).backward(dy)
         return step
 
-    def fused(n):
+    def fused(n, mode):
         def step():
-            dispatch.lora_linear(x, W, None, A, Bf, segs[n]).backward(dy)
+            dispatch.lora_linear(x, W, None, A, Bf, segs[n], mode).backward(dy)
         return step
 
     meta = dict(tokens=T, flops=flops, before=zero, shape=shape)
     b.run(f"{shape}/base", f"{shape} base fwd + input-grad bwd", base, backend="-", adapters=0, **meta)
-    has_fused = hasattr(dispatch, "lora_linear")
     for be in args.backends:
         why = backend_usable(be, dev)
         if why:
@@ -124,10 +126,10 @@ def run_shape(b, args, d_in, d_out):
             for n in (1, S):
                 b.run(f"{shape}/lora{n}/{be}", f"{shape} base + segment_lora, {n} adapter(s), {be}", lora(n),
                       backend=be, adapters=n, **meta)
-            if has_fused:
+            for kind, mode in (("epi", "epilogue"), ("gemm", "gemm")):
                 for n in (1, S):
-                    b.run(f"{shape}/fused{n}/{be}", f"{shape} fused lora_linear, {n} adapter(s), {be}", fused(n),
-                          backend=be, adapters=n, **meta)
+                    b.run(f"{shape}/{kind}{n}/{be}", f"{shape} lora_linear {mode}, {n} adapter(s), {be}",
+                          fused(n, mode), backend=be, adapters=n, **meta)
         finally:
             if old is None:
                 os.environ.pop(ENV, None)
@@ -143,10 +145,10 @@ def report(b, args):
         shape = f"{d_in}x{d_out}"
         base = b.ok(f"{shape}/base")
         for be in args.backends:
-            for kind in ("lora", "fused"):
+            for kind in ("lora", "epi", "gemm"):
                 k1, kS = f"{shape}/{kind}1/{be}", f"{shape}/{kind}{S}/{be}"
                 if not any(r["key"] in (k1, kS) for r in b.rows):
-                    continue  # backend skipped or no fused op
+                    continue  # backend skipped
                 r1, rS, needs = b.ok(k1), b.ok(kS), (f"{shape}/base", k1, kS)
                 c1 = b.ratio(f"{k1}/cost", f"{shape} {kind} {be}: 1 adapter, extra over base",
                              r1["median_s"] / base["median_s"] - 1 if r1 and base else None, fmt="{:+.1%}",
@@ -162,14 +164,11 @@ def report(b, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from lorafleet.kernels import dispatch
-
     cfg = {
         "layers": ", ".join(f"{i}->{o}" for i, o in args.shapes) + f"; T={args.tokens} tokens",
         "LoRA": f"r={args.rank}, scale {args.alpha / args.rank:g}, bank of {args.adapters} slots; 1 or "
                 f"{args.adapters} adapters (segments of {args.tokens // args.adapters} tokens)",
-        "backends": ", ".join(args.backends) + ("; fused lora_linear: present" if hasattr(dispatch, "lora_linear")
-                                                else "; fused lora_linear: not in dispatch (rows skipped)"),
+        "backends": ", ".join(args.backends),
     }
     b = G.Bench("lorafleet kernel benchmark: single linear layers (Qwen3-8B shapes)", args, cfg)
     for d_in, d_out in args.shapes:

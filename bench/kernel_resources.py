@@ -35,7 +35,8 @@ ROLE = {  # segment_mm flags -> what the launch computes
 def role(name, consts):
     if name == "group_outer":
         return "dA / dB / dW (Σ Pᵀ·Q)"
-    return ROLE.get((consts["G_COL"], consts["K_IS_RANK"], consts["N_IS_RANK"], consts["BASE"]), "?")
+    what = ROLE.get((consts["G_COL"], consts["K_IS_RANK"], consts["N_IS_RANK"], consts["BASE"]), "?")
+    return what.replace(" = ", " += ", 1) if consts["ACCUMULATE"] else what  # epilogue: into cuBLAS's output
 
 
 def main():

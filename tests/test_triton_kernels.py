@@ -138,9 +138,11 @@ LINEAR_CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", ["epilogue", "gemm"])
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_fused_lora_linear_matches_reference(case):
-    """LoRAFusion's forward (base GEMM + scale·S·Bᵀ in one pass) and dX = dy·W + dS·A."""
+def test_fused_lora_linear_matches_reference(case, mode):
+    """Base GEMM + scale·S·Bᵀ and dX = dy·W + dS·A, fused two ways: the LoRA added in place into
+    cuBLAS's output ("epilogue") or one Triton pass computing both (LoRAFusion's "gemm")."""
     N, IN, OUT, G, R, has_bias, rows = LINEAR_CASES[case]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(N, IN + 2, generator=g)[:, 1 : IN + 1].requires_grad_()  # strided rows
@@ -152,7 +154,7 @@ def test_fused_lora_linear_matches_reference(case):
     dev = [t.to(DEVICE) for t in (x, A, B, gy)]
     W, bias = W.to(DEVICE), None if bias is None else bias.to(DEVICE)
     segs = _segs(rows)
-    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs)  # noqa: E731
+    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs, mode)  # noqa: E731
     if segs:
         y, (gx, gA, gB) = _compare(fn, fn, dev[:3], dev[3], FP32)
         for s in segs:  # rank padding never gets gradient
@@ -166,13 +168,14 @@ def test_fused_lora_linear_matches_reference(case):
     assert rel(y[~covered], base[~covered]) <= FP32  # rows of no adapter: the base output exactly
 
 
-def test_fused_lora_linear_bf16_and_errors():
+@pytest.mark.parametrize("mode", ["epilogue", "gemm"])
+def test_fused_lora_linear_bf16_and_errors(mode):
     N, IN, OUT, G, R, _, rows = LINEAR_CASES["dense_odd_bias"]
     g = torch.Generator().manual_seed(4)
     x, W, bias, A, B, gy = (torch.randn(*s, generator=g).to(DEVICE, torch.bfloat16)
                             for s in ((N, IN), (OUT, IN), (OUT,), (G, R, IN), (G, OUT, R), (N, OUT)))
     segs = _segs(rows)
-    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs)  # noqa: E731
+    fn = lambda x, A, B: dispatch.lora_linear(x, W, bias, A, B, segs, mode)  # noqa: E731
     fn_ref = lambda x, A, B: dispatch.lora_linear(x, W.float(), bias.float(), A, B, segs)  # noqa: E731
     y, _ = _compare(fn, fn_ref, [x.requires_grad_(), A.requires_grad_(), B.requires_grad_()], gy, BF16)
     assert y.dtype == torch.bfloat16
@@ -182,10 +185,13 @@ def test_fused_lora_linear_bf16_and_errors():
         dispatch.lora_linear(x, W.float(), bias, A, B, segs)
     with pytest.raises(ValueError, match="bad shapes"):
         dispatch.lora_linear(x, W[:, :-1], bias, A, B, segs)
+    with pytest.raises(ValueError, match="mode"):
+        dispatch.lora_linear(x, W, bias, A, B, segs, "fast")
 
 
-def test_layer_fuses_base_only_when_asked(monkeypatch):
-    """MultiLoRALinear with LORAFLEET_FUSE_BASE=1 runs the fused op and matches the unfused layer."""
+def test_layer_fuses_base_as_asked(monkeypatch):
+    """MultiLoRALinear runs the fused op unless LORAFLEET_FUSE_BASE=off, and every mode matches
+    the unfused layer."""
     from lorafleet.kernels.lora_linear import triton_op as fused_op
     from lorafleet.lora.bank import SlotBank, SlotInfo
     from lorafleet.lora.linear import MultiLoRALinear
@@ -217,11 +223,13 @@ def test_layer_fuses_base_only_when_asked(monkeypatch):
         y.backward(gy)
         return [y.detach()] + [t.grad.clone() for t in leaves]
 
-    unfused = run("0")
+    unfused = run("off")
     assert not calls
-    fused = run("1")
-    assert calls
-    assert max(rel(a, b) for a, b in zip(fused, unfused)) <= FP32
+    for mode in ("", "epilogue", "gemm", "1"):
+        calls.clear()
+        fused = run(mode)
+        assert calls
+        assert max(rel(a, b) for a, b in zip(fused, unfused)) <= FP32
     monkeypatch.setenv("LORAFLEET_FUSE_BASE", "maybe")
     with pytest.raises(ValueError, match="LORAFLEET_FUSE_BASE"):
         dispatch.fuse_base()
@@ -249,12 +257,12 @@ def test_dispatch_backend_choice(monkeypatch):
         dispatch.grouped_mm(torch.zeros(4, 3), torch.zeros(2, 5, 3), [0, 3, 2])
 
 
-@pytest.mark.parametrize("arch,fuse", [("qwen3", "0"), ("qwen3", "1"), ("qwen3_moe", "0"),
-                                       pytest.param("gpt_oss", "0", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch,fuse", [("qwen3", "off"), ("qwen3", "gemm"), ("qwen3_moe", "epilogue"),
+                                       pytest.param("gpt_oss", "epilogue", marks=pytest.mark.slow)])
 def test_fleet_triton_backend_matches_reference(arch, fuse, monkeypatch):
     """A whole model through Fleet: logits and every LoRA gradient, Triton vs reference backend
     (dense and expert LoRA; per-expert, shared-A and shared-outer adapters; base-model rows;
-    with ``fuse``, the dense layers' base GEMM runs inside the fused LoRA kernel)."""
+    ``fuse``: how the dense layers join their base GEMM and the LoRA)."""
     import lorafleet as lf
     from lorafleet.kernels.lora_linear import triton_op as fused_op
 
@@ -290,7 +298,7 @@ def test_fleet_triton_backend_matches_reference(arch, fuse, monkeypatch):
         return logits.detach(), [p.grad.clone() for p in fleet.lora_parameters() if p.grad is not None]
 
     logits_tri, grads_tri = run("triton")
-    assert bool(calls) == (fuse == "1")
+    assert bool(calls) == (fuse != "off")
     logits_ref, grads_ref = run("reference")
     assert len(grads_tri) == len(grads_ref) > 0
     assert rel(logits_tri, logits_ref) <= FP32

@@ -6,10 +6,16 @@ references. The Triton path also runs CPU tensors under ``TRITON_INTERPRET=1`` (
 kernel modules are first imported), which is how CI tests it. Dtypes the kernels do not take
 (float64) always use the reference.
 
-``LORAFLEET_FUSE_BASE=1`` lets ``MultiLoRALinear`` run its frozen base GEMM inside the LoRA kernel
-(``lora_linear``, LoRAFusion's fusion) on the Triton backend. It is off by default: the fused pass
-replaces cuBLAS with a Triton GEMM for the base, which only pays if that GEMM is as fast as
-cuBLAS on the device at hand, and that has not been measured yet (``bench/bench_lora_kernels.py``).
+``LORAFLEET_FUSE_BASE`` decides how ``MultiLoRALinear`` joins its frozen base GEMM and the LoRA on
+the Triton backend (``lora_linear``):
+
+- ``epilogue`` (default): the base GEMM stays on cuBLAS; the LoRA expand adds into its output in
+  place, and in backward ``dS·A`` adds into cuBLAS's ``dy·W`` — no separate delta tensor is
+  written, re-read and added (a third less LoRA epilogue traffic, no GEMM given up).
+- ``gemm`` (or ``1``): LoRAFusion's full fusion, the base GEMM itself runs in the Triton kernel
+  whose tiles also accumulate ``scale·S·Bᵀ``; pays only if that GEMM keeps up with cuBLAS on the
+  device, which ``bench/bench_lora_kernels.py`` measures.
+- ``off`` (or ``0``): base layer, then ``segment_lora``, then an add.
 
 The frozen expert GEMM (``grouped_mm``) has a third backend, ``torch._grouped_mm`` (the library
 grouped GEMM). ``LORAFLEET_GROUPED_MM=torch|triton`` forces one; by default (``auto``) it is used on
@@ -59,14 +65,15 @@ def backend(t: torch.Tensor) -> str:
     return "triton" if t.device.type == "cuda" and triton_available() else "reference"
 
 
-def fuse_base() -> bool:
-    """Whether layers should fuse their frozen base GEMM into the LoRA kernel (``LORAFLEET_FUSE_BASE``)."""
-    value = os.environ.get(FUSE_ENV, "0").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{FUSE_ENV}={value!r}: expected 0 or 1")
+FUSE_MODES = {"": "epilogue", "epilogue": "epilogue", "gemm": "gemm", "1": "gemm", "off": "off", "0": "off"}
+
+
+def fuse_base() -> str:
+    """How layers join their frozen base GEMM and the LoRA: 'epilogue', 'gemm' or 'off'."""
+    value = os.environ.get(FUSE_ENV, "epilogue").strip().lower()
+    if value not in FUSE_MODES:
+        raise ValueError(f"{FUSE_ENV}={value!r}: expected 'epilogue', 'gemm' (1) or 'off' (0)")
+    return FUSE_MODES[value]
 
 
 def segment_lora(x, A, B, segments):
@@ -77,12 +84,13 @@ def segment_lora(x, A, B, segments):
     return _segment_lora_ref(x, A, B, segments)
 
 
-def lora_linear(x, W, bias, A, B, segments):
-    """Frozen ``x @ W.T + bias`` plus segmented LoRA, one fused pass on the Triton backend."""
+def lora_linear(x, W, bias, A, B, segments, mode="epilogue"):
+    """Frozen ``x @ W.T + bias`` plus segmented LoRA; on the Triton backend fused as ``mode``
+    says ('epilogue': cuBLAS base, LoRA added in place; 'gemm': one Triton pass)."""
     if backend(A) == "triton":
         from .lora_linear.triton_op import lora_linear as _tri
 
-        return _tri(x, W, bias, A, B, segments)
+        return _tri(x, W, bias, A, B, segments, mode)
     return _lora_linear_ref(x, W, bias, A, B, segments)
 
 

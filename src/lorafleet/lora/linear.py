@@ -60,10 +60,10 @@ class MultiLoRALinear(nn.Module):
         return segs
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """May the base GEMM run inside the LoRA kernel? Only for a plain, hook-free, frozen
-        ``nn.Linear`` of the LoRA's dtype on the Triton backend, when ``LORAFLEET_FUSE_BASE=1``."""
+        """May the base GEMM and the LoRA run as one op (``dispatch.lora_linear``)? Only for a
+        plain, hook-free, frozen ``nn.Linear`` of the LoRA's dtype on the Triton backend."""
         base = self.base_layer
-        if not dispatch.fuse_base() or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return False
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         same = x.dtype == base.weight.dtype == self.lora_A.dtype
@@ -77,9 +77,10 @@ class MultiLoRALinear(nn.Module):
         segs = self.segments(routing, flat.shape[0])
         if not segs:
             return self.base_layer(x)
-        if self._fusable(flat):
+        mode = dispatch.fuse_base()
+        if mode != "off" and self._fusable(flat):
             base = self.base_layer
-            y = dispatch.lora_linear(flat, base.weight, base.bias, self.lora_A, self.lora_B, segs)
+            y = dispatch.lora_linear(flat, base.weight, base.bias, self.lora_A, self.lora_B, segs, mode)
             return y.view(*x.shape[:-1], -1)
         y = self.base_layer(x)
         delta = dispatch.segment_lora(flat, self.lora_A, self.lora_B, segs)

@@ -128,5 +128,6 @@ def run_sample_ops():
         x, A, B = r(70, 48), r(2, 16, 48), r(2, 32, 16)  # feature dims of models are 16-divisible
         dispatch.segment_lora(x, A, B, segs).sum().backward()
         W, bias = torch.randn(32, 48, generator=g).to(dtype), torch.randn(32, generator=g).to(dtype)
-        dispatch.lora_linear(x, W, bias, A, B, segs).sum().backward()
+        for mode in ("epilogue", "gemm"):
+            dispatch.lora_linear(x, W, bias, A, B, segs, mode).sum().backward()
         dispatch.grouped_mm(x, r(3, 32, 48), [0, 30, 30, 70]).sum().backward()
