@@ -209,9 +209,11 @@ def _segment_mm_kernel(
     ptrs = Y + rows[:, None] * sym + cols[None, :] * syn
     mask = rmask[:, None] & cmask[None, :]
     if ACCUMULATE:
-        mask = mask & (seg >= 0)
-        acc = acc + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+        if seg >= 0:  # rows of no segment keep what Y holds
+            acc = acc + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
