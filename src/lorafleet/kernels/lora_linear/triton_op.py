@@ -21,14 +21,14 @@ gradient is computed for them.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..segment_lora import triton_kernels as K
-from ..segment_lora.triton_op import _shrink, check_segments
+from ..segment_lora.triton_op import _expand, _shrink, backward_products, check_segments
+from ..segment_lora.triton_op import _get_plans as _get_lora_plans
 
 Tensor = torch.Tensor
 
@@ -37,16 +37,8 @@ Tensor = torch.Tensor
 FUSED_BLOCK_M = 64
 
 
-@lru_cache(maxsize=256)
-def _plans(meta: tuple, scales: tuple, num_rows: int, ga: int, gb: int, device: torch.device, block_m: int):
-    rows = [(*meta[i : i + 5], scales[i // 5]) for i in range(0, len(meta), 5)]
-    plan = K.make_plan(rows, num_rows, device, block_m=block_m)
-    return plan, K.make_group_index(rows, 2, ga, device), K.make_group_index(rows, 3, gb, device)
-
-
 def _get_plans(x, A, B, meta, scales, gemm):
-    return _plans(tuple(meta), tuple(float(s) for s in scales), x.shape[0], A.shape[0], B.shape[0], x.device,
-                  FUSED_BLOCK_M if gemm else K.BLOCK_M)
+    return _get_lora_plans(x, A, B, meta, scales, FUSED_BLOCK_M if gemm else K.BLOCK_M)
 
 
 @torch.library.custom_op("lorafleet::lora_linear_fwd", mutates_args=())
@@ -54,15 +46,11 @@ def lora_linear_fwd(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: 
                     scales: list[float], gemm: bool) -> tuple[Tensor, Tensor]:
     plan, _, _ = _get_plans(x, A, B, meta, scales, gemm)
     S = _shrink(x, A, plan)
-    b = B.stride()
     if gemm:
-        y = K.empty((x.shape[0], W.shape[0]), x)
-        base = (x, W, (W.stride(1), W.stride(0)), bias)
+        y, base = K.empty((x.shape[0], W.shape[0]), x), (x, W, (W.stride(1), W.stride(0)), bias)
     else:
         y, base = F.linear(x, W, bias), None  # cuBLAS; the expand adds into it
-    K.segment_mm(S, (b[0], b[2], b[1]), B, y, plan, S.shape[1], g_col=3, k_is_rank=True, n_is_rank=False,
-                 use_scale=True, accumulate=not gemm, base=base)
-    return y, S
+    return _expand(S, B, plan, out=y, accumulate=not gemm, base=base), S
 
 
 @lora_linear_fwd.register_fake
@@ -74,27 +62,13 @@ def _(x, W, bias, A, B, meta, scales, gemm):
 def lora_linear_bwd(gy: Tensor, x: Tensor, W: Tensor, A: Tensor, B: Tensor, S: Tensor, meta: list[int],
                     scales: list[float], gemm: bool, need_x: bool, need_a: bool,
                     need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    plan, ga, gb = _get_plans(x, A, B, meta, scales, gemm)
-    gy = gy.contiguous()
-    gx, gA, gB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if need_x or need_a:
-        b = B.stride()
-        dS = K.empty(S.shape, S)
-        K.segment_mm(gy, (b[0], b[1], b[2]), B, dS, plan, gy.shape[1], g_col=3, k_is_rank=False,
-                     n_is_rank=True, use_scale=True)
-        if need_x:
-            a = A.stride()
-            if gemm:
-                gx, base = K.empty(x.shape, x), (gy, W, (W.stride(0), W.stride(1)), None)
-            else:
-                gx, base = gy @ W, None  # cuBLAS; dS·A adds into it
-            K.segment_mm(dS, (a[0], a[1], a[2]), A, gx, plan, dS.shape[1], g_col=2, k_is_rank=True,
-                         n_is_rank=False, use_scale=False, accumulate=not gemm, base=base)
-        if need_a:
-            gA = K.group_outer(dS, x, K.empty(A.shape, A), plan, ga, use_scale=False)
-    if need_b:
-        gB = K.group_outer(gy, S, K.empty(B.shape, B), plan, gb, use_scale=True)
-    return gx, gA, gB
+    plans = _get_plans(x, A, B, meta, scales, gemm)
+    if gemm:
+        gx, base = None, (gy, W, (W.stride(0), W.stride(1)), None)
+    else:
+        gx, base = (gy @ W if need_x else None), None  # cuBLAS; dS·A adds into it
+    return backward_products(gy, x, A, B, S, plans, need_x, need_a, need_b, gx=gx, accumulate=not gemm,
+                             dx_base=base)
 
 
 @lora_linear_bwd.register_fake

@@ -26,14 +26,16 @@ Tensor = torch.Tensor
 
 
 @lru_cache(maxsize=256)
-def _plans(meta: tuple, scales: tuple, num_rows: int, ga: int, gb: int, device: torch.device):
+def _plans(meta: tuple, scales: tuple, num_rows: int, ga: int, gb: int, device: torch.device, block_m: int):
     rows = [(*meta[i : i + 5], scales[i // 5]) for i in range(0, len(meta), 5)]
-    plan = K.make_plan(rows, num_rows, device)
+    plan = K.make_plan(rows, num_rows, device, block_m=block_m)
     return plan, K.make_group_index(rows, 2, ga, device), K.make_group_index(rows, 3, gb, device)
 
 
-def _get_plans(x, A, B, meta, scales):
-    return _plans(tuple(meta), tuple(float(s) for s in scales), x.shape[0], A.shape[0], B.shape[0], x.device)
+def _get_plans(x, A, B, meta, scales, block_m: int = K.BLOCK_M):
+    """(tile plan, segments by A index, segments by B index), cached per distinct routing."""
+    return _plans(tuple(meta), tuple(float(s) for s in scales), x.shape[0], A.shape[0], B.shape[0], x.device,
+                  block_m)
 
 
 def _shrink(x, A, plan, out=None):
@@ -44,12 +46,37 @@ def _shrink(x, A, plan, out=None):
                         n_is_rank=True, use_scale=False)
 
 
-def _expand(S, B, plan, out=None, accumulate=False):
-    """y [N, out] = scale * S[seg, :rank] @ B[b, :, :rank].T (rows of no segment: 0)."""
+def _expand(S, B, plan, out=None, accumulate=False, base=None):
+    """y [N, out] = scale * S[seg, :rank] @ B[b, :, :rank].T (rows of no segment: 0); added into
+    ``out`` with ``accumulate``; plus a base product with ``base`` (see ``K.segment_mm``)."""
     y = K.empty((S.shape[0], B.shape[1]), S) if out is None else out
     b = B.stride()
     return K.segment_mm(S, (b[0], b[2], b[1]), B, y, plan, S.shape[1], g_col=3, k_is_rank=True,
-                        n_is_rank=False, use_scale=True, accumulate=accumulate)
+                        n_is_rank=False, use_scale=True, accumulate=accumulate, base=base)
+
+
+def backward_products(gy, x, A, B, S, plans, need_x, need_a, need_b, gx=None, accumulate=False, dx_base=None):
+    """(dX, dA, dB) of segmented LoRA, each an empty tensor where not needed: dS = scale·dy·B, then
+    dX = dS·A (into a fresh buffer; added into ``gx`` with ``accumulate``; plus ``dx_base``, a
+    base product as in ``K.segment_mm``), dA = Σ dSᵀ·x and dB = Σ scale·dyᵀ·S per factor index."""
+    plan, ga, gb = plans
+    gy = gy.contiguous()
+    gA, gB = x.new_empty(0), x.new_empty(0)
+    if need_x or need_a:
+        b = B.stride()
+        dS = K.empty(S.shape, S)
+        K.segment_mm(gy, (b[0], b[1], b[2]), B, dS, plan, gy.shape[1], g_col=3, k_is_rank=False,
+                     n_is_rank=True, use_scale=True)
+        if need_x:
+            a = A.stride()
+            gx = K.empty(x.shape, x) if gx is None else gx
+            K.segment_mm(dS, (a[0], a[1], a[2]), A, gx, plan, dS.shape[1], g_col=2, k_is_rank=True,
+                         n_is_rank=False, use_scale=False, accumulate=accumulate, base=dx_base)
+        if need_a:
+            gA = K.group_outer(dS, x, K.empty(A.shape, A), plan, ga, use_scale=False)
+    if need_b:
+        gB = K.group_outer(gy, S, K.empty(B.shape, B), plan, gb, use_scale=True)
+    return (gx if need_x else x.new_empty(0)), gA, gB
 
 
 @torch.library.custom_op("lorafleet::segment_lora_fwd", mutates_args=())
@@ -69,24 +96,7 @@ def segment_lora_bwd(
     gy: Tensor, x: Tensor, A: Tensor, B: Tensor, S: Tensor, meta: list[int], scales: list[float],
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan, ga, gb = _get_plans(x, A, B, meta, scales)
-    gy = gy.contiguous()
-    gx, gA, gB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if need_x or need_a:
-        b = B.stride()
-        dS = K.empty(S.shape, S)
-        K.segment_mm(gy, (b[0], b[1], b[2]), B, dS, plan, gy.shape[1], g_col=3, k_is_rank=False,
-                     n_is_rank=True, use_scale=True)
-        if need_x:
-            a = A.stride()
-            gx = K.empty(x.shape, x)
-            K.segment_mm(dS, (a[0], a[1], a[2]), A, gx, plan, dS.shape[1], g_col=2, k_is_rank=True,
-                         n_is_rank=False, use_scale=False)
-        if need_a:
-            gA = K.group_outer(dS, x, K.empty(A.shape, A), plan, ga, use_scale=False)
-    if need_b:
-        gB = K.group_outer(gy, S, K.empty(B.shape, B), plan, gb, use_scale=True)
-    return gx, gA, gB
+    return backward_products(gy, x, A, B, S, _get_plans(x, A, B, meta, scales), need_x, need_a, need_b)
 
 
 @segment_lora_bwd.register_fake
