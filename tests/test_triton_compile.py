@@ -18,16 +18,12 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from lorafleet.kernels import dispatch  # noqa: E402
 from lorafleet.kernels.dispatch import Segment  # noqa: E402
 from lorafleet.kernels.segment_lora import triton_kernels as K  # noqa: E402
-from lorafleet.lora.bank import SlotBank, SlotInfo  # noqa: E402
-from lorafleet.lora.linear import MultiLoRALinear  # noqa: E402
 from lorafleet.lora.routing import Routing, use_routing  # noqa: E402
+from lora_layers import random_multilora_linear  # noqa: E402
+from peft_ref import rel  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(K._segment_mm_kernel, InterpretedFunction):
     importlib.reload(K)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(autouse=True)
@@ -71,16 +67,8 @@ def test_compiled_segment_lora_fullgraph_matches_eager():
 
 
 def test_compiled_multilora_linear_matches_eager():
-    bank = SlotBank(max_adapters=3, max_rank=4)
-    bank.slots[0] = SlotInfo("a", 4, 2.0, False, "none")
-    bank.slots[1] = SlotInfo("b", 2, 0.5, False, "none")
-    torch.manual_seed(0)
-    layer = MultiLoRALinear(torch.nn.Linear(16, 12), bank, "model.layers.0.self_attn.q_proj").to(DEVICE)
-    layer.base_layer.requires_grad_(False)
-    layer.enabled = [True, True, False]
-    with torch.no_grad():
-        layer.lora_A.normal_()
-        layer.lora_B.normal_()
+    layer = random_multilora_linear(16, 12, {0: (4, 2.0), 1: (2, 0.5)}, 3, 4, "model.layers.0.self_attn.q_proj",
+                                    DEVICE)
     routing = Routing.from_row_slots([0, 0, -1, 1], DEVICE)
     x = torch.randn(4, 5, 16, device=DEVICE, requires_grad=True)
     gy = torch.randn(4, 5, 12, device=DEVICE)

@@ -20,15 +20,12 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from lorafleet.kernels import dispatch  # noqa: E402
 from lorafleet.kernels.dispatch import Segment  # noqa: E402
 from lorafleet.kernels.segment_lora import triton_kernels as K  # noqa: E402
+from peft_ref import rel  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(K._segment_mm_kernel, InterpretedFunction):
     importlib.reload(K)  # imported before TRITON_INTERPRET was set: decorate the kernels again
 
 FP32, BF16 = 1e-5, 1e-2
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(autouse=True)
@@ -193,20 +190,10 @@ def test_layer_fuses_base_as_asked(monkeypatch):
     """MultiLoRALinear runs the fused op unless LORAFLEET_FUSE_BASE=off, and every mode matches
     the unfused layer."""
     from lorafleet.kernels.lora_linear import triton_op as fused_op
-    from lorafleet.lora.bank import SlotBank, SlotInfo
-    from lorafleet.lora.linear import MultiLoRALinear
     from lorafleet.lora.routing import Routing, use_routing
+    from lora_layers import random_multilora_linear
 
-    bank = SlotBank(max_adapters=3, max_rank=4)
-    bank.slots[0] = SlotInfo("a", 4, 2.0, False, "none")
-    bank.slots[2] = SlotInfo("b", 2, 0.5, False, "none")
-    torch.manual_seed(0)
-    layer = MultiLoRALinear(torch.nn.Linear(24, 20), bank, "model.layers.0.mlp.up_proj").to(DEVICE)
-    layer.base_layer.requires_grad_(False)
-    layer.enabled = [True, False, True]
-    with torch.no_grad():
-        layer.lora_A.normal_()
-        layer.lora_B.normal_()
+    layer = random_multilora_linear(24, 20, {0: (4, 2.0), 2: (2, 0.5)}, 3, 4, "model.layers.0.mlp.up_proj", DEVICE)
     calls = []
     real = fused_op.lora_linear_fwd
     monkeypatch.setattr(fused_op, "lora_linear_fwd", lambda *a: calls.append(1) or real(*a))
