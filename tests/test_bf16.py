@@ -19,6 +19,7 @@ import lorafleet as lf
 from lorafleet.engine.optim import AdamState, OptimConfig, adamw_step
 from lorafleet.models.debug import build_debug_model, router_modules
 from peft_ref import rel
+from random_examples import random_examples as batch
 
 torch.set_num_threads(1)
 BF16, V = torch.bfloat16, 256
@@ -72,21 +73,6 @@ def fleet_pair(arch="qwen3_moe", names="abcd", pin=True):
     if pin and f16.spec.moe:
         pin_routing(f16, f32)
     return f16, f32
-
-
-def batch(names, seed, n=2, arrays=False):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for name in names:
-        for _ in range(n):
-            L = int(torch.randint(5, 10, (1,), generator=g))
-            toks = torch.randint(3, V, (L + 1,), generator=g).tolist()
-            kw = {}
-            if arrays:
-                kw = {"logprobs": (-torch.rand(L, generator=g) * 6).tolist(),
-                      "advantages": torch.randn(L, generator=g).tolist()}
-            out.append(lf.Example(name, toks[:-1], toks[1:], torch.rand(L, generator=g).tolist(), **kw))
-    return out
 
 
 def grads(fleet, name):

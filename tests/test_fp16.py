@@ -15,9 +15,10 @@ import lorafleet as lf
 from lorafleet.engine import LossScaler, OptimConfig
 from lorafleet.models.debug import build_debug_model
 from peft_ref import rel
+from random_examples import random_examples as batch
 
 torch.set_num_threads(1)
-F16, V = torch.float16, 256
+F16 = torch.float16
 CONFIGS = {"a": lf.AdapterConfig(rank=4, alpha=8, seed=1),
            "b": lf.AdapterConfig(rank=8, alpha=8, seed=2, target_modules=["q_proj", "v_proj"])}
 
@@ -38,18 +39,6 @@ def fleet_pair(names="ab", factor_dtype=None):
         f16.set_adapter_weights(n, w)
         f32.set_adapter_weights(n, w)
     return f16, f32
-
-
-def batch(names, seed, n=2, weight=None):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for name in names:
-        for _ in range(n):
-            L = int(torch.randint(5, 10, (1,), generator=g))
-            toks = torch.randint(3, V, (L + 1,), generator=g).tolist()
-            w = [weight] * L if weight is not None else torch.rand(L, generator=g).tolist()
-            out.append(lf.Example(name, toks[:-1], toks[1:], w))
-    return out
 
 
 def grads(fleet, name):
