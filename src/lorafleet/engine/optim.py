@@ -21,6 +21,14 @@ import torch
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def _from_dict(cls, d: dict, what: str):
+    """``cls(**d)``, refusing keys that are not fields (a typo must not pass silently)."""
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s): {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class OptimConfig:
     """AdamW hyperparameters and the LR schedule of one adapter.
@@ -79,10 +87,7 @@ class OptimConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "OptimConfig":
-        unknown = set(d) - set(OptimConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown optimizer field(s): {sorted(unknown)}")
-        return OptimConfig(**d)
+        return _from_dict(OptimConfig, d, "optimizer")
 
 
 @dataclass
@@ -142,10 +147,7 @@ class LossScaler:
 
     @staticmethod
     def from_dict(d: dict) -> "LossScaler":
-        unknown = set(d) - set(LossScaler.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown loss scaler field(s): {sorted(unknown)}")
-        return LossScaler(**d)
+        return _from_dict(LossScaler, d, "loss scaler")
 
 
 def all_finite(grads: list[torch.Tensor]) -> bool:
