@@ -51,21 +51,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     G.add_common_args(p)
-    for k in REAL:
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {REAL[k]} (tiny {TINY[k]})")
+    G.add_model_args(p, REAL, TINY)
     p.add_argument("--batch", type=int, default=8, help="sequences per step of base / lf_1 / lf_8mix / peft_1")
     p.add_argument("--adapters", type=int, default=8, help="adapters in lf_8mix and peft_tmux (one sequence each)")
     p.add_argument("--many", type=int, default=16, help="adapters (= sequences) in lf_16mix")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--chunk", type=int, default=1024, help="rows of logits per chunk of the LM-head loss")
-    p.add_argument("--peft-fp32-adapters", action="store_true",
-                   help="PEFT's default autocast_adapter_dtype=True (fp32 LoRA on a bf16 base)")
     args = p.parse_args(argv)
     G.finish_common_args(args, iters=10, warmup=3)
-    for k in REAL:
-        if getattr(args, k) is None:
-            setattr(args, k, (TINY if args.tiny else REAL)[k])
+    G.finish_model_args(args, REAL, TINY)
     if args.batch != args.adapters:
         p.error("--batch must equal --adapters (lf_8mix gives each adapter one sequence of the batch)")
     return args

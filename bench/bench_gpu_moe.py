@@ -63,25 +63,17 @@ FIT = 16  # batch of the --max-batch-check rows
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     G.add_common_args(p)
-    for k in REAL:
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {REAL[k]} (tiny {TINY[k]})")
+    G.add_model_args(p, REAL, TINY)
     p.add_argument("--batch", type=int, default=8, help="sequences per step of base / lf_attn / lf_exp / lf_exp_8mix")
     p.add_argument("--peft-batch", type=int, default=4, help="batch of the PEFT comparison (peft_*, lf_exp_pb)")
     p.add_argument("--adapters", type=int, default=8, help="adapters in lf_exp_8mix (batch must be a multiple)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--chunk", type=int, default=1024, help="rows of logits per chunk of the LM-head loss")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of rows to run (of {','.join(ROWS)})")
     p.add_argument("--max-batch-check", action="store_true", help=f"also try batch {FIT} for lorafleet and PEFT")
     p.add_argument("--experts-impl", default=None,
                    help="experts_implementation of the HF / PEFT models (default: transformers' own)")
-    p.add_argument("--peft-fp32-adapters", action="store_true",
-                   help="PEFT's default autocast_adapter_dtype=True (fp32 LoRA on a bf16 base)")
     args = p.parse_args(argv)
     G.finish_common_args(args, iters=10, warmup=3)
-    for k in REAL:
-        if getattr(args, k) is None:
-            setattr(args, k, (TINY if args.tiny else REAL)[k])
+    G.finish_model_args(args, REAL, TINY)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if set(args.rows) - set(ROWS):
         p.error(f"unknown rows {sorted(set(args.rows) - set(ROWS))}")

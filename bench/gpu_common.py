@@ -58,6 +58,24 @@ def add_common_args(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_model_args(p, real: dict, tiny: dict):
+    """One ``--<dim>`` option per model dimension (defaults: ``real``, or ``tiny`` with --tiny),
+    and the LoRA / loss options the two model benchmarks share."""
+    for k in real:
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {real[k]} (tiny {tiny[k]})")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--chunk", type=int, default=1024, help="rows of logits per chunk of the LM-head loss")
+    p.add_argument("--peft-fp32-adapters", action="store_true",
+                   help="PEFT's default autocast_adapter_dtype=True (fp32 LoRA on a bf16 base)")
+
+
+def finish_model_args(args, real: dict, tiny: dict):
+    for k in real:
+        if getattr(args, k) is None:
+            setattr(args, k, (tiny if args.tiny else real)[k])
+
+
 def finish_common_args(args, iters=10, warmup=3):
     """Fill the device/dtype/iteration defaults that depend on ``--tiny``."""
     args.device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
