@@ -153,12 +153,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                 m.lora_A[slot, :r] = kaiming_uniform_A((r, m.in_features), gen, m.lora_A.dtype, m.lora_A.device)
         for m in self._att.experts.values():
             m.enabled[slot] = use_experts
-            if not use_experts:
-                continue
-            g_a, _, d_a, _ = SHARED_FACTORS[config.expert_sharing]
-            for A, shared in ((m.gate_up_A, g_a), (m.down_A, d_a)):
-                n = 1 if shared else m.num_experts
-                A[slot, :n, :r] = kaiming_uniform_A((n, r, A.shape[-1]), gen, A.dtype, A.device)
+            if use_experts:
+                m.init_slot(slot, r, config.expert_sharing, gen)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -232,14 +228,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
             if m.enabled[slot]:
                 views.append((f"{path}.A", m.lora_A, (slot, slice(0, r))))
                 views.append((f"{path}.B", m.lora_B, (slot, slice(None), slice(0, r))))
-        shared = SHARED_FACTORS[config.expert_sharing]
         for path, m in self._att.experts.items():
-            if m.enabled[slot]:
-                n = [1 if sh else m.num_experts for sh in shared]
-                views.append((f"{path}.gate_up.A", m.gate_up_A, (slot, slice(0, n[0]), slice(0, r))))
-                views.append((f"{path}.gate_up.B", m.gate_up_B, (slot, slice(0, n[1]), slice(None), slice(0, r))))
-                views.append((f"{path}.down.A", m.down_A, (slot, slice(0, n[2]), slice(0, r))))
-                views.append((f"{path}.down.B", m.down_B, (slot, slice(0, n[3]), slice(None), slice(0, r))))
+            if m.enabled[slot]:  # under expert parallelism: this rank's experts (see factor_views)
+                views += [(f"{path}.{k}", p, idx) for k, p, idx in m.factor_views(slot, r, config.expert_sharing)]
         return views
 
     @torch.no_grad()
