@@ -1,4 +1,8 @@
-"""The `lorafleet train` YAML: parsed strictly (every unknown field is named) before anything runs.
+"""The `lorafleet train` YAML: parsed strictly before anything runs. Every unknown field is named,
+and so is every value of the wrong type, with what was expected (one `ConfigError` line). Numbers
+may be written as people write them: YAML 1.1 reads `1e-3` (no dot) as a string, so numeric strings
+are read as numbers; integers take `1_000` and integral values like `1e3` (see engine/optim.py's
+`read_number`); `true` is no number, and nan / inf are refused.
 
 ```yaml
 base: {debug: qwen3_moe}          # or {path: /local/hf/model_dir}; debug models may set
@@ -36,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from ..config import EXPERT_SHARING_MODES, AdapterConfig
-from ..engine.optim import OptimConfig
+from ..engine.optim import OptimConfig, coerce_fields
 
 
 class ConfigError(ValueError):
@@ -44,6 +48,7 @@ class ConfigError(ValueError):
 
 
 def _take(d: dict, cls, where: str) -> dict:
+    """``d`` as fields of ``cls``: a mapping without unknown keys."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
     names = {f.name for f in fields(cls)}
@@ -51,6 +56,14 @@ def _take(d: dict, cls, where: str) -> dict:
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(names)}")
     return d
+
+
+def _typed(d: dict, cls, where: str) -> dict:
+    """``d``'s values checked against (and numbers read as) the types of ``cls``'s fields."""
+    try:
+        return coerce_fields(cls, d)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -106,15 +119,23 @@ class AdapterJob:
             _positive(getattr(self, k), f"{aw}: {k}", allow_zero=True)
         if self.eval_data is not None and self.eval_fraction is not None:
             raise ConfigError(f"{aw}: give at most one of eval_data or eval_fraction")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"{aw}: eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        tm = self.target_modules
+        if not (isinstance(tm, str) or (isinstance(tm, (list, tuple)) and all(isinstance(t, str) for t in tm))):
+            raise ConfigError(f"{aw}: target_modules: expected 'all-linear' or a list of module names, got {tm!r}")
         if self.expert_sharing not in EXPERT_SHARING_MODES:
             raise ConfigError(f"{aw}: expert_sharing must be one of {EXPERT_SHARING_MODES}")
         if self.loss not in self.LOSSES:
             raise ConfigError(f"{aw}: loss must be one of {self.LOSSES} here (got {self.loss!r})")
         try:
             self.adapter_config()
-            self.optim_config(self.max_steps or 1)
+            optim = self.optim_config(self.max_steps or 1)
         except ValueError as e:
             raise ConfigError(f"{aw}: {e}") from None
+        # kept read ("1e-3" -> 0.001), so what is recorded (a service job's spec) shows numbers
+        self.optimizer = {k: list(v) if k == "betas" else v for k, v in
+                          ((k, getattr(optim, k)) for k in self.optimizer)}
 
     def optim_config(self, steps: int) -> OptimConfig:
         opt = dict(self.optimizer)
@@ -149,13 +170,29 @@ def _positive(v, where, allow_zero=False):
         raise ConfigError(f"{where} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
 
 
-def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
+def read_adapter_job(d: dict, where: str, adapter_cls=None) -> AdapterJob:
+    """One adapter's mapping (of a train config, or a service job) as its validated job;
+    errors name it as ``where (name)``."""
     adapter_cls = adapter_cls or AdapterJob
+    _take(d, adapter_cls, where)
+    if "name" not in d or "data" not in d:
+        raise ConfigError(f"{where}: needs 'name' and 'data'")
+    if isinstance(d["name"], str):
+        where = f"{where} ({d['name']})"
+    job = adapter_cls(**_typed(d, adapter_cls, where))
+    job.validate(where)
+    return job
+
+
+def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
     where = source or "config"
     _take(data, TrainConfig, where)
     if "base" not in data or "adapters" not in data:
         raise ConfigError(f"{where}: needs 'base' and 'adapters'")
-    base = BaseSpec(**_take(data["base"], BaseSpec, f"{where}: base"))
+    if "source" in data:  # set by the loader, not by the file
+        raise ConfigError(f"{where}: unknown field(s) ['source']")
+    bw = f"{where}: base"
+    base = BaseSpec(**_typed(_take(data["base"], BaseSpec, bw), BaseSpec, bw))
     if (base.debug is None) == (base.path is None):
         raise ConfigError(f"{where}: base needs exactly one of 'debug' (a built-in model name) or 'path'")
     raw = data["adapters"]
@@ -163,18 +200,13 @@ def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
         raise ConfigError(f"{where}: 'adapters' must be a non-empty list")
     jobs, seen = [], set()
     for i, a in enumerate(raw):
-        aw = f"{where}: adapters[{i}]"
-        _take(a, adapter_cls, aw)
-        if "name" not in a or "data" not in a:
-            raise ConfigError(f"{aw}: needs 'name' and 'data'")
-        job = adapter_cls(**a)
+        job = read_adapter_job(a, f"{where}: adapters[{i}]", adapter_cls)
         if job.name in seen:
             raise ConfigError(f"{where}: adapter name {job.name!r} appears twice")
         seen.add(job.name)
-        job.validate(f"{where}: adapter {job.name!r}")
         jobs.append(job)
-    cfg = TrainConfig(base=base, adapters=jobs, source=source,
-                      **{k: v for k, v in data.items() if k not in ("base", "adapters")})
+    rest = _typed({k: v for k, v in data.items() if k not in ("base", "adapters")}, TrainConfig, where)
+    cfg = TrainConfig(base=base, adapters=jobs, source=source, **rest)
     for k in ("max_adapters", "max_rank", "max_length"):
         _positive(getattr(cfg, k), f"{where}: {k}")
     _positive(cfg.checkpoint_every, f"{where}: checkpoint_every", allow_zero=True)

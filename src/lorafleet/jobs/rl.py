@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.datasets import DatasetError, read_jsonl
+from ..engine.optim import coerce_fields, read_number
 from ..engine.sampling import SampleRequest, SamplingParams
 from ..types import Example
 from ..utils.atomic import atomic_write_text
@@ -51,6 +52,13 @@ class RLAdapterJob(AdapterJob):
             raise ConfigError(f"{aw}: group_size must be >= 2 (advantages are relative to the group)")
         if not (isinstance(self.kl_coef, (int, float)) and self.kl_coef >= 0):
             raise ConfigError(f"{aw}: kl_coef must be a number >= 0")
+        try:  # the mappings' numbers as people write them, kept read (the runner uses these dicts)
+            self.sampling = coerce_fields(SamplingParams, self.sampling, "sampling")
+            # a clip bound may be inf (no bound), never nan
+            self.loss_config = {k: read_number(v, float, f"loss_config.{k}", finite=False)
+                                for k, v in self.loss_config.items()}
+        except ValueError as e:
+            raise ConfigError(f"{aw}: {e}") from None
         try:
             self.sampling_params(0)
         except (TypeError, ValueError) as e:

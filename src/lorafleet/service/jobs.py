@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..data.datasets import DataCursor, load_examples, split_eval
-from ..jobs.config import AdapterJob, ConfigError
+from ..engine.optim import read_number
+from ..jobs.config import AdapterJob, ConfigError, read_adapter_job
 from ..jobs.evaluate import evaluate
 from ..utils.atomic import atomic_dir
 from .futures import Failure
@@ -40,6 +41,43 @@ log = logging.getLogger("lorafleet.service")
 GROUP = ("cross_entropy", (), False)  # the scheduler's batching key for a job's forward_backward
 SPEC_FIELDS = ("max_length", "overflow", "checkpoint_every")
 CKPT_KEEP = 2
+
+
+def check_job(body: dict, default_checkpoint_every: int) -> tuple[AdapterJob, dict]:
+    """A POST /jobs body's adapter (validated, numbers read as `lorafleet train` reads them) and
+    its job-level spec, with the adapter's fields as read under ``spec["adapter"]``; `Invalid`
+    (a 400) naming the first problem. What needs the server (datasets, max_rank) is checked later."""
+    if not isinstance(body.get("adapter"), dict):
+        raise Invalid("a job needs 'adapter': the per-adapter fields of a lorafleet train config")
+    fields_ = dict(body["adapter"])
+    unknown = sorted(set(body) - {"adapter", "data", "eval_data", *SPEC_FIELDS})
+    if unknown:
+        raise Invalid(f"unknown job field(s) {unknown}")
+    for k in ("data", "eval_data"):
+        if k in fields_:
+            raise Invalid(f"give the dataset as the job's top-level '{k}' ({{'jsonl': text}} or {{'path': p}})")
+    allowed = {f.name for f in fields(AdapterJob)} - {"data", "eval_data"}
+    bad = sorted(set(fields_) - allowed)
+    if bad:
+        raise Invalid(f"adapter: unknown field(s) {bad}; allowed: {sorted(allowed)}")
+    if "name" not in fields_:
+        raise Invalid("adapter: needs a 'name'")
+    spec = {k: body.get(k) for k in SPEC_FIELDS if body.get(k) is not None}
+    spec.setdefault("max_length", 128)
+    spec.setdefault("overflow", "truncate")
+    spec.setdefault("checkpoint_every", default_checkpoint_every)
+    try:
+        for k, least in (("max_length", 1), ("checkpoint_every", 0)):
+            spec[k] = read_number(spec[k], int, k)
+            if spec[k] < least:
+                raise Invalid(f"{k} must be an integer >= {least}, got {spec[k]!r}")
+        a = read_adapter_job({**fields_, "data": "-"}, "adapter")
+    except ValueError as e:  # ConfigError and read_number's errors: the caller's mistake
+        raise Invalid(str(e)) from None
+    if spec["overflow"] not in ("truncate", "skip"):
+        raise Invalid(f"overflow must be 'truncate' or 'skip', got {spec['overflow']!r}")
+    spec["adapter"] = {k: getattr(a, k) for k in fields_}
+    return a, spec
 
 
 @dataclass
@@ -78,34 +116,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------ API (any thread)
     def submit(self, tenant: str, body: dict) -> dict:
-        if not isinstance(body.get("adapter"), dict):
-            raise Invalid("a job needs 'adapter': the per-adapter fields of a lorafleet train config")
-        fields_ = dict(body["adapter"])
-        unknown = sorted(set(body) - {"adapter", "data", "eval_data", *SPEC_FIELDS})
-        if unknown:
-            raise Invalid(f"unknown job field(s) {unknown}")
-        for k in ("data", "eval_data"):
-            if k in fields_:
-                raise Invalid(f"give the dataset as the job's top-level '{k}' ({{'jsonl': text}} or {{'path': p}})")
-        allowed = {f.name for f in fields(AdapterJob)} - {"data", "eval_data"}
-        bad = sorted(set(fields_) - allowed)
-        if bad:
-            raise Invalid(f"adapter: unknown field(s) {bad}; allowed: {sorted(allowed)}")
-        spec = {k: body.get(k) for k in SPEC_FIELDS if body.get(k) is not None}
-        spec.setdefault("max_length", 128)
-        spec.setdefault("overflow", "truncate")
-        spec.setdefault("checkpoint_every", self.svc.config.job_checkpoint_every)
-        for k in ("max_length", "checkpoint_every"):
-            v = spec[k]
-            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if k == "max_length" else 0):
-                raise Invalid(f"{k} must be a non-negative integer, got {v!r}")
-        if spec["overflow"] not in ("truncate", "skip"):
-            raise Invalid(f"overflow must be 'truncate' or 'skip', got {spec['overflow']!r}")
+        a, spec = check_job(body, self.svc.config.job_checkpoint_every)
         job_id = "job-" + uuid.uuid4().hex[:12]
         jdir = self.job_dir(tenant, job_id)
         try:
-            a = AdapterJob(data="-", **fields_)
-            a.validate("adapter")
             if a.rank > self.svc.config.max_rank:
                 raise Invalid(f"adapter: rank {a.rank} is above this server's max_rank {self.svc.config.max_rank}")
             self.svc.fleet.target_paths(a.adapter_config())
@@ -121,7 +135,6 @@ class JobRunner:
             for f, label in (("train.jsonl", "data (uploaded)"), ("eval.jsonl", "eval_data (uploaded)")):
                 msg = msg.replace(str(jdir / f), label)
             raise Invalid(msg) from None
-        spec["adapter"] = fields_
         j = Job(job_id, tenant, a.name, spec, total_steps=self._total_steps(a, len(train)))
         self.store.add_job(j)
         self._wake.set()
@@ -282,7 +295,7 @@ class JobRunner:
                      else "started")
 
     def _prepare(self, j: Job) -> _Running:
-        a = AdapterJob(data=j.spec["data"], **j.spec["adapter"])
+        a = read_adapter_job({**j.spec["adapter"], "data": j.spec["data"]}, "adapter")
         adapter = f"{j.tenant}/{j.job_id}"
         train, evals = self._examples(a, j.spec, adapter)
         return _Running(j, adapter, f"job:{j.job_id}", a, train, evals, DataCursor(train, seed=a.seed))
