@@ -10,9 +10,10 @@ expert 0.
 The forward is three steps — `pair_slots` (each pair's LoRA slot), `plan` (sort pairs, group
 offsets, LoRA segments) and `grouped_products` (the expert MLP over sorted pairs) — so expert
 parallelism (``lorafleet.distributed.expert_parallel``) can run the same plan and products on
-the pairs an all-to-all brought to this rank. It narrows the module to experts
-``[expert_start, expert_start + num_local_experts)`` of ``num_experts``; `factor_index`,
-`factor_views` and `init_slot` speak in those local experts.
+the pairs an all-to-all brought to this rank (it installs a ``token_dispatcher``). It narrows
+the module to experts ``[expert_start, expert_start + num_local_experts)`` of ``num_experts``;
+`factor_index`, `factor_views` and `init_slot` speak in those local experts, and a shared factor
+then lives at local expert 0 on every rank (a replica).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class MultiLoRAExperts(nn.Module):
         self.num_experts, self.hidden_size, self.up_out, self.inter = E, H, up_out, inter
         # the experts this module holds: all of them unless expert parallelism narrowed it
         self.expert_start, self.num_local_experts = 0, E
+        # set by expert parallelism: callable(self, hidden, top_k_index, top_k_weights) that moves
+        # pairs to their experts' ranks and back around `plan` + `grouped_products`
+        self.token_dispatcher = None
         S, R = bank.max_adapters, bank.max_rank
         dtype = dtype or up_w.dtype
         dev = up_w.device
@@ -160,6 +164,8 @@ class MultiLoRAExperts(nn.Module):
             raise ValueError(f"{self.path}: router chose an expert id outside [0, {E})")
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.token_dispatcher is not None:
+            return self.token_dispatcher(self, hidden_states, top_k_index, top_k_weights)
         N, K = top_k_index.shape
         H = hidden_states.shape[-1]
         expert = top_k_index.reshape(-1).long()
