@@ -30,6 +30,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     fp16 base adds a per-adapter dynamic loss scale (see docs/precision.md).
     """
 
+    # set by `lorafleet.distributed.parallelize`: an object the engine hands its collectives to
+    # (split batches, gradient sums, shard gather/slice); None runs everything in this process
+    comm = None
+
     def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool = True, dtype=None):
         self.spec = arch_spec(model)
         self.model = model
@@ -257,6 +261,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
             if v.dtype != torch.float32:
                 m = masters.get(key)
                 v = m if m is not None and m.shape == v.shape and torch.equal(m.to(v.dtype), v) else v.float()
+            if self.comm is not None:  # distributed: the whole factor, gathered from its shards
+                v = self.comm.full_tensor(name, key, p, v)
             v = v.clone() if dtype is None or v.dtype == dtype else v.to(dtype)
             pairs.setdefault(group, [None, None])["AB".index(which)] = v
         for (path, proj), (a, b) in pairs.items():
@@ -312,9 +318,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         values = dict(w.tensors())
         masters = self._train[name].adam.master
         for key, p, idx in self.adapter_views(name):
-            p[idx] = values[key].to(p)
+            v = values[key] if self.comm is None else self.comm.local_tensor(name, key, p, values[key])
+            p[idx] = v.to(p)
             if p.dtype != torch.float32:  # low-precision bank: keep the source's precision
-                masters[key] = values[key].to(device=p.device, dtype=torch.float32, copy=True)
+                masters[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
     def add_adapter_from_weights(self, name: str, w: AdapterWeights) -> int:
         """Validate everything first, then take a slot and write the weights."""
@@ -340,7 +347,11 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         fp32 (the masters) for a low-precision bank unless ``dtype`` says otherwise."""
         from ..adapters.formats import save_adapter_dir
 
-        save_adapter_dir(self.get_adapter_weights(name, dtype=dtype), path, format=format)
+        w = self.get_adapter_weights(name, dtype=dtype)  # every rank: it gathers shards
+        if self.comm is None or self.comm.is_writer:
+            save_adapter_dir(w, path, format=format)
+        if self.comm is not None:
+            self.comm.barrier()  # the files exist for every rank on return
 
     # --------------------------------------------------------------- teardown
     def detach(self):

@@ -242,13 +242,14 @@ def master_weight(state: AdamState, key: str, param: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def adamw_step(views, grads, state: AdamState, config: OptimConfig) -> dict:
+def adamw_step(views, grads, state: AdamState, config: OptimConfig, norm: float | None = None) -> dict:
     """One AdamW step of one adapter. ``views``: (key, tensor view) pairs updated in place;
     ``grads``: matching gradient tensors. All math is fp32: low-precision gradients are upcast
     first (norm and clipping included), low-precision weights are stepped through their fp32
-    master copy (``state.master``) and then rounded back into the view."""
+    master copy (``state.master``) and then rounded back into the view. ``norm``: the adapter's
+    global gradient norm when ``grads`` are only this rank's shards of it (default: theirs)."""
     grads = [g.to(torch.float32) for g in grads]  # a no-op (same tensor) for fp32
-    norm = grad_norm(grads)
+    norm = grad_norm(grads) if norm is None else norm
     clip = config.grad_clip_norm
     if clip:
         coef = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s clamped coefficient

@@ -90,17 +90,30 @@ class SamplingMixin:
         params = params or SamplingParams()
         if not requests:
             return []
-        stop_ids, stop_strs = self._stops(params)
+        self._stops(params)
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        rows = []
-        for i, r in enumerate(requests):
+        for i, r in enumerate(requests):  # every request is checked before any work (or collective)
             if not isinstance(r, SampleRequest):
                 raise ValueError(f"request {i} is a {type(r).__name__}, not a lorafleet.SampleRequest")
             if min(r.prompt_tokens) < 0 or max(r.prompt_tokens) >= vocab:
                 raise ValueError(f"request {i}: prompt token ids must be in [0, {vocab})")
+            if r.adapter is not None:
+                self.slot_of(r.adapter)
+        if self.comm is not None:  # distributed: this rank samples its share, results are gathered
+            return self.comm.sample(self, requests, params)
+        return self._sample_local(requests, params)
+
+    @torch.no_grad()
+    def _sample_local(self, requests, params, request_ids: list[int] | None = None):
+        """Sample checked ``requests``; ``request_ids[i]``: request i's index in the caller's
+        whole list (its rows' seeds derive from it, so a share sampled apart draws the same)."""
+        stop_ids, stop_strs = self._stops(params)
+        ids = range(len(requests)) if request_ids is None else request_ids
+        rows = []
+        for i, (r, rid) in enumerate(zip(requests, ids)):
             slot = -1 if r.adapter is None else self.slot_of(r.adapter)
             for j in range(r.num_samples):
-                g = torch.Generator().manual_seed(_row_seed(params.seed, i, j))
+                g = torch.Generator().manual_seed(_row_seed(params.seed, rid, j))
                 rows.append(_Row(i, j, slot, g))
         rows.sort(key=lambda row: row.slot)  # adapter-major; stays so as rows leave
         self._decode(rows, requests, params, stop_ids, stop_strs)
@@ -146,6 +159,8 @@ class SamplingMixin:
             logits = out.logits[:, -1].float()
             logp = torch.log_softmax(logits, -1)
             nxt = _choose(logits, params, [rows[i].gen for i in live])
+            if self.comm is not None:  # ranks decoding in lockstep must agree on every token
+                nxt = self.comm.agree_tokens(nxt)
             keep = []
             for k, i in enumerate(live):
                 row, tok = rows[i], int(nxt[k])

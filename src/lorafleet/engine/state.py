@@ -37,24 +37,31 @@ class StateMixin:
         """Write the adapter's full training state to directory ``path`` (replaced atomically)."""
         st = self.train_state(name)
         views = self.adapter_views(name)
-        tensors = {}
+        entries = {}  # file key -> (view key, bank parameter, this process's tensor)
         for (key, p, idx), g in zip(views, self.adapter_grads(name, views)):
-            tensors[f"weight/{key}"] = p[idx].detach().cpu().contiguous().clone()
+            entries[f"weight/{key}"] = (key, p, p[idx].detach())
             if key in st.adam.exp_avg:
-                tensors[f"exp_avg/{key}"] = st.adam.exp_avg[key].cpu().contiguous()
-                tensors[f"exp_avg_sq/{key}"] = st.adam.exp_avg_sq[key].cpu().contiguous()
+                entries[f"exp_avg/{key}"] = (key, p, st.adam.exp_avg[key])
+                entries[f"exp_avg_sq/{key}"] = (key, p, st.adam.exp_avg_sq[key])
             if st.pending:
-                tensors[f"grad/{key}"] = g.detach().cpu().contiguous().clone()
+                entries[f"grad/{key}"] = (key, p, g.detach())
             master = st.adam.master.get(key)
             if master is not None and torch.equal(master.to(p.dtype), p[idx]):  # stale masters are dropped
-                tensors[f"master/{key}"] = master.cpu().contiguous().clone()
+                entries[f"master/{key}"] = (key, p, master)
+        if self.comm is not None:  # distributed: shards gathered, pending gradients summed over ranks
+            tensors = self.comm.full_state_tensors(name, entries)
+        else:
+            tensors = {k: t.cpu().contiguous().clone() for k, (_, _, t) in entries.items()}
         meta = {"format": FORMAT, "version": VERSION, "adapter": self._configs[name].to_dict(),
                 "optim": st.optim.to_dict(), "step": st.adam.step, "pending": st.pending, "extra": extra or {}}
         if st.scaler is not None:
             meta["loss_scale"] = st.scaler.to_dict()
-        with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / TENSORS_FILE))
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.comm is None or self.comm.is_writer:
+            with atomic_dir(path) as tmp:
+                save_file(tensors, str(tmp / TENSORS_FILE))
+                (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.comm is not None:
+            self.comm.barrier()  # the checkpoint exists for every rank on return
 
     def load_state(self, name: str, path, slot: int | None = None) -> dict:
         """Restore an adapter from `save_state`'s directory (adding it to a free slot if it does not
@@ -75,7 +82,7 @@ class StateMixin:
             paths = None
         # check keys and shapes against where the adapter lives (or would live)
         expected = self._expected_shapes(config, paths) if not exists else {
-            k: tuple(p[idx].shape) for k, p, idx in self.adapter_views(name)}
+            k: self._full_shape(name, k, p, p[idx]) for k, p, idx in self.adapter_views(name)}
         for k, shape in expected.items():
             t = tensors.get(f"weight/{k}")
             if t is None or tuple(t.shape) != shape:
@@ -96,8 +103,11 @@ class StateMixin:
             st.scaler = None
         fp32_grads = self._fp32_grads(name)
         masters, grad_acc = {}, {}
+        views = self.adapter_views(name)
+        if self.comm is not None:  # distributed: this rank's shards; a pending gradient on one rank
+            tensors = self.comm.local_state_tensors(name, views, tensors)
         with torch.no_grad():
-            for k, p, idx in self.adapter_views(name):
+            for k, p, idx in views:
                 best = tensors.get(f"master/{k}", tensors[f"weight/{k}"])  # the most precise copy
                 p[idx] = best.to(p)
                 if p.dtype != torch.float32:
@@ -119,6 +129,10 @@ class StateMixin:
                 adam.exp_avg_sq[k] = tensors[f"exp_avg_sq/{k}"].to(dev)
         st.optim, st.adam, st.pending, st.grad_acc = optim, adam, bool(meta["pending"]), grad_acc
         return meta.get("extra", {})
+
+    def _full_shape(self, name: str, key: str, param, view) -> tuple:
+        """The shape of a factor in files: its view's, or the whole factor's when sharded."""
+        return tuple(view.shape) if self.comm is None else self.comm.full_shape(name, key, param, view)
 
     def _expected_shapes(self, config: AdapterConfig, paths: set[str]) -> dict[str, tuple]:
         """Factor shapes of an adapter with ``config`` that is not in the fleet yet."""

@@ -131,19 +131,25 @@ class TrainingMixin:
         for n in names:
             self.slot_of(n)  # every name is checked before any adapter steps
         out = {}
+        all_views = {n: self.adapter_views(n) for n in names}
+        all_grads = {n: self.adapter_grads(n, all_views[n]) for n in names}
+        if self.comm is not None:  # distributed: SUM each stepping adapter's gradient over the ranks
+            self.comm.reduce_gradients(all_views, all_grads)
         for n in names:
             st = self._train[n]
-            views = self.adapter_views(n)
-            grads = self.adapter_grads(n, views)
+            views, grads = all_views[n], all_grads[n]
+            # an adapter's norm spans its shards on other ranks (None: the local grad_norm)
+            norm = self.comm.grad_norm(n) if self.comm is not None else None
             scaler = st.scaler
             finite = True
             if scaler is not None:
                 finite = all_finite(grads)
                 scaler.update(finite)
             if finite:
-                out[n] = adamw_step([(k, p[idx]) for k, p, idx in views], grads, st.adam, st.optim)
+                out[n] = adamw_step([(k, p[idx]) for k, p, idx in views], grads, st.adam, st.optim, norm=norm)
             else:
-                out[n] = {"lr": st.optim.lr_at(st.adam.step), "grad_norm": grad_norm(grads), "step": st.adam.step}
+                out[n] = {"lr": st.optim.lr_at(st.adam.step), "grad_norm": grad_norm(grads) if norm is None else norm,
+                          "step": st.adam.step}
             if scaler is not None:
                 out[n].update(loss_scale=scaler.scale, skipped=not finite)
             self.zero_grad(n)
@@ -155,6 +161,11 @@ class TrainingMixin:
         """One shared forward (and backward) over examples of any adapters; see `Example`."""
         cfg = resolve_config(loss_fn, loss_fn_config)
         self._check_examples(examples, loss_fn, forward_only)
+        if self.comm is not None:  # distributed: this rank runs its share, results are gathered
+            return self.comm.forward_backward(self, examples, loss_fn, cfg, forward_only)
+        return self._forward_backward_local(examples, loss_fn, cfg, forward_only)
+
+    def _forward_backward_local(self, examples, loss_fn, cfg, forward_only) -> ForwardBackwardResult:
         rows = list(range(len(examples)))  # row -> example index; dpo adds base-model reference rows
         if loss_fn == "dpo":
             rows += [-1 - i for i in range(len(examples))]
@@ -191,6 +202,8 @@ class TrainingMixin:
                          if self._train[examples[i].adapter].scaler is not None}
                 parts = [loss * scale[i] if i in scale else loss for i, loss in losses.items()]
                 total = torch.stack(parts).sum() if parts else None
+                if total is None and self.comm is not None:  # ranks with no loss still join backward's collectives
+                    total = self.comm.backward_anchor(hidden)
                 if total is not None and total.requires_grad:
                     total.backward()
                     for n in dict.fromkeys(examples[i].adapter for i in losses):
@@ -241,11 +254,18 @@ class TrainingMixin:
         return losses
 
     def _result(self, examples, lp_rows, ent_rows, losses, forward_only) -> ForwardBackwardResult:
+        loss_vals = [float(losses[i].detach()) if i in losses else 0.0 for i in range(len(examples))]
+        return ForwardBackwardResult(
+            logprobs=[lp_rows[i].detach().tolist() for i in range(len(examples))],
+            losses=loss_vals,
+            entropy=[ent_rows[i].tolist() for i in range(len(examples))],
+            metrics=self._metrics(examples, loss_vals, forward_only),
+        )
+
+    def _metrics(self, examples, loss_vals, forward_only) -> dict[str, dict[str, float]]:
+        """Per-adapter sums in example order; marks the adapters' gradients pending."""
         metrics: dict[str, dict[str, float]] = {}
-        loss_vals = []
-        for i, e in enumerate(examples):
-            loss = float(losses[i].detach()) if i in losses else 0.0
-            loss_vals.append(loss)
+        for e, loss in zip(examples, loss_vals):
             if e.adapter is None:
                 continue
             m = metrics.setdefault(e.adapter, {"loss:sum": 0.0, "tokens:sum": 0.0, "examples:sum": 0.0})
@@ -254,9 +274,4 @@ class TrainingMixin:
             m["examples:sum"] += 1.0
             if not forward_only:
                 self._train[e.adapter].pending = True
-        return ForwardBackwardResult(
-            logprobs=[lp_rows[i].detach().tolist() for i in range(len(examples))],
-            losses=loss_vals,
-            entropy=[ent_rows[i].tolist() for i in range(len(examples))],
-            metrics=metrics,
-        )
+        return metrics
