@@ -25,9 +25,10 @@ T = 60  # seconds: bound on every SDK future
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    svc = build_service(None, ServiceConfig(data_dir=str(tmp_path_factory.mktemp("svc")), max_adapters=12,
-                                            max_rank=8, long_poll_s=5.0,
-                                            client_config={"fwdbwd_max_chunk_len": 2}), log_fn=lambda *a: None)
+    # the random-init debug base: it starts at once (the pretrained default is for learning)
+    cfg = ServiceConfig(data_dir=str(tmp_path_factory.mktemp("svc")), max_adapters=12, max_rank=8, long_poll_s=5.0,
+                        client_config={"fwdbwd_max_chunk_len": 2})
+    svc = build_service("debug:qwen3_moe", cfg, log_fn=lambda *a: None)
     app, _ = make_app(svc, keys={KEY_A: "alice", KEY_B: "bob"})
     srv = ServerThread(app)
     url = srv.start()

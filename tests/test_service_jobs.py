@@ -28,8 +28,9 @@ KEY_A, KEY_B = "tml-alice-jobs", "tml-bob-jobs"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("jobsvc")
-    svc = build_service(None, ServiceConfig(data_dir=str(d), max_adapters=2, max_rank=8,
-                                            dataset_roots=[str(ROOT / "examples" / "data")]), log_fn=lambda *a: None)
+    # the random-init debug base: it starts at once (the pretrained default is for learning)
+    cfg = ServiceConfig(data_dir=str(d), max_adapters=2, max_rank=8, dataset_roots=[str(ROOT / "examples" / "data")])
+    svc = build_service("debug:qwen3_moe", cfg, log_fn=lambda *a: None)
     app, _ = make_app(svc, keys={KEY_A: "alice", KEY_B: "bob"})
     srv = ServerThread(app)
     url = srv.start()

