@@ -1,4 +1,4 @@
-"""World-size independence under data parallelism and FSDP2 (gloo, 2 processes): a mixed-adapter
+"""World-size independence under data parallelism, FSDP2 and expert parallelism (gloo, 2 processes): a mixed-adapter
 run equals the single-process run, step by step, skew cases included."""
 
 import pytest
@@ -32,6 +32,7 @@ def reference():
 def test_dp2_and_fsdp2_equal_one_process(tmp_path, reference):
     layouts = [(arch, {"data_parallel_replicate_degree": 2}) for arch in ARCHS]
     layouts += [(arch, {"data_parallel_shard_degree": 2, "data_parallel_replicate_degree": 1}) for arch in ARCHS]
+    layouts += [("qwen3_moe", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 1})]
     results = spawn(_worker, 2, tmp_path, layouts)
     for r in results:
         for (arch, key), rec in r.items():

@@ -156,6 +156,10 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     logprob_chunk: int = 1024
+    # torchrun runs: {data_parallel_replicate_degree, data_parallel_shard_degree,
+    # expert_parallel_degree, timeout_s} (lorafleet.distributed.ParallelismConfig; -1 = the rest
+    # of the world). Not part of the resume hash: a run may resume on another world size.
+    parallelism: dict | None = None
     source: str = ""  # the YAML file this came from (paths in it are relative to it)
 
     def resolve(self, p: str | None) -> Path | None:
@@ -212,6 +216,7 @@ def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
     _positive(cfg.checkpoint_every, f"{where}: checkpoint_every", allow_zero=True)
     if cfg.overflow not in ("truncate", "skip"):
         raise ConfigError(f"{where}: overflow must be 'truncate' or 'skip', got {cfg.overflow!r}")
+    _check_parallelism(cfg.parallelism, where)
     for job in jobs:
         if job.rank > cfg.max_rank:
             raise ConfigError(f"{where}: adapter {job.name!r} has rank {job.rank} above max_rank {cfg.max_rank}")
@@ -220,6 +225,18 @@ def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
             if p is not None and not p.is_file():
                 raise ConfigError(f"{where}: adapter {job.name!r}: {key} file {str(p)!r} does not exist")
     return cfg
+
+
+def _check_parallelism(spec, where) -> None:
+    """The degrees' own rules now; the world size is checked at launch (distributed/jobs.py)."""
+    if spec is None:
+        return
+    from ..distributed.mesh import ParallelismConfig
+
+    try:
+        ParallelismConfig.from_dict(spec)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def read_yaml_mapping(path, what: str = "config file") -> dict:
