@@ -105,6 +105,7 @@ def start_server(port: int, keys: dict, slots: int, args, batched: bool) -> subp
     env = dict(os.environ, LORAFLEET_API_KEYS=",".join(f"{t}:{k}" for k, t in keys.items()))
     cmd = [sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
            tempfile.mkdtemp(prefix="lf-bench-"), "--max-adapters", str(slots), "--max-rank", "8",
+           "--base", "debug:qwen3_moe",  # the random-init base the docs/service.md table was measured on
            "--threads", str(args.threads)] + ([] if batched else ["--one-tenant-per-step"])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
