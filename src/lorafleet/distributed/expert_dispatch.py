@@ -64,8 +64,7 @@ class ExpertAllToAll:
         self.group = ep_group
         self.ep = dist.get_world_size(ep_group)
         self._anchors: dict[torch.device, torch.Tensor] = {}
-        self.last_bytes = 0  # payload this rank sent in the last forward (bench)
-        self.last_received = 0  # pairs this rank's experts got in the last forward
+        self.last_splits = ([], [])  # pairs sent to / received from each rank, last forward (bench, tests)
 
     def anchor(self, device) -> torch.Tensor:
         if device not in self._anchors:
@@ -96,9 +95,7 @@ class ExpertAllToAll:
         x = _AllToAll.apply(hidden[pair_tok[perm]], anchor, recv_splits, send_splits, self.group)
         slot_recv = _exchange(slot[perm].to(torch.int32), recv_splits, send_splits, self.group).long()
         local_expert = torch.arange(El, device=dev).repeat(self.ep).repeat_interleave(recv_counts)
-        # hidden states out and back, one int32 slot id per pair, E int64 counts
-        self.last_bytes = (x.element_size() * H * 2 + 4) * sum(send_splits) + send_counts.numel() * 8
-        self.last_received = sum(recv_splits)
+        self.last_splits = (send_splits, recv_splits)
 
         # on the owner: (local expert, slot) groups over the pairs of every source rank
         perm_local, expert_sorted, offsets, lora = m.plan(local_expert, slot_recv)
