@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorafleet as lf
 from distributed_helpers import assert_close_weights, examples, free_port, init, make_fleet, rel, spawn
 from lorafleet.distributed import ParallelismConfig
 
