@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
+import signal
 import sys
+import threading
+from pathlib import Path
 
 
 def _threads(args) -> None:
@@ -14,19 +19,76 @@ def _threads(args) -> None:
 
 
 def _job(args) -> int:
-    """`train` and `rl`: load the YAML, run the job (its errors are ValueErrors)."""
-    _threads(args)
-    if args.command == "rl":
-        from .jobs.rl import RLJob as Job, load_rl_config as load
-    else:
-        from .jobs.config import load_config as load
-        from .jobs.train import TrainJob as Job
+    """`train` and `rl`: load the YAML, run the job (its errors are ValueErrors). Ctrl-C or SIGTERM
+    ends in one line saying where the run stopped and the command that continues it."""
+    with _StopSignals() as stop:
+        try:
+            _threads(args)
+            if args.command == "rl":
+                from .jobs.rl import RLJob as Job, load_rl_config as load
+            else:
+                from .jobs.config import load_config as load
+                from .jobs.train import TrainJob as Job
 
-    cfg = load(args.config)
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    Job(cfg, resume=args.resume, progress=False if args.no_progress else None).run()
+            cfg = load(args.config)
+            if args.run_dir:
+                cfg.run_dir = args.run_dir
+            stop.job = Job(cfg, resume=args.resume, progress=False if args.no_progress else None)
+            stop.job.run()
+        except KeyboardInterrupt:
+            if getattr(stop.job, "writes", True):  # under torchrun, only rank 0 speaks
+                print(_stopped_line(args, stop.job, stop.signum), file=sys.stderr)
+            return 128 + (stop.signum or signal.SIGINT)
     return 0
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while the job steps: it finishes the step, writes a checkpoint
+    and stops (so nothing is lost); a second signal, or one while the base loads or the summary
+    is computed, stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.job, self.signum, self.previous = None, None, {}
+
+    def _handle(self, signum, frame):
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and self.job is not None and self.job.phase == "steps":
+            self.job.stop_requested = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _stopped_line(args, job, signum) -> str:
+    """`lorafleet train: interrupted (Ctrl-C) at global step 7, checkpoint saved; resume with: ...`"""
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    if job is None:  # still importing or reading the YAML
+        where, resumable = "before training started", args.resume
+    else:
+        where, resumable = job.stop_point(), job.last_checkpoint is not None
+    # the user's own words, minus any --resume (argparse also takes a prefix such as --res)
+    words = [w for w in args.argv if not (len(w) > 3 and "--resume".startswith(w))]
+    command = shlex.join([_program(), *words] + (["--resume"] if resumable else []))
+    verb = "resume with" if resumable else "start it again with"
+    return f"lorafleet {args.command}: interrupted ({how}) {where}; {verb}: {command}"
+
+
+def _program() -> str:
+    """`lorafleet`, or the path it was started by when that is not the `lorafleet` on PATH."""
+    argv0 = Path(sys.argv[0])
+    on_path = shutil.which("lorafleet")
+    if argv0.name != "lorafleet" or (on_path and Path(on_path).resolve() == argv0.resolve()):
+        return "lorafleet"
+    return sys.argv[0]
 
 
 def _plot(args) -> int:
@@ -134,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         j.add_argument("--api-key", help="your key (default: $LORAFLEET_API_KEY)")
         j.set_defaults(fn=_jobs)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes a job
     try:
         return args.fn(args)
     except ValueError as e:  # user errors: one clear line, no traceback

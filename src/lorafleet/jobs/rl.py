@@ -26,7 +26,6 @@ from ..data.datasets import DatasetError, read_jsonl
 from ..engine.optim import coerce_fields, read_number
 from ..engine.sampling import SampleRequest, SamplingParams
 from ..types import Example
-from ..utils.atomic import atomic_write_text
 from .config import AdapterJob, ConfigError, _positive, load_config
 from .outputs import plot_run
 from .train import TrainJob
@@ -240,14 +239,23 @@ class RLJob(TrainJob):
                         kl.setdefault(e.adapter, []).append(d)
         return {n: sum(v) / len(v) for n, v in kl.items()}
 
+    def _extra_state(self) -> dict:
+        return {"reward_errors": self.reward_errors}  # counted over the whole run, resumed with it
+
+    def _restore(self, state):
+        super()._restore(state)
+        self.reward_errors = dict(state.get("reward_errors", {}))
+
     def _summary(self, seconds):
         png = plot_run(self.run_dir, self.run_dir / "reward_curves.png")
         summary = {"run_dir": str(self.run_dir), "base": self.base_name, "seconds": round(seconds, 1),
                    "adapters": self.finished, "reward_curves": str(png),
                    "reward_errors": self.reward_errors}
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-        self.log(f"reward curves: {png}")
+        self._write_summary(summary)
         return summary
+
+    def _report(self, summary: dict) -> None:
+        self.log(f"reward curves: {summary['reward_curves']}")
 
 
 def _group_advantages(scored):

@@ -4,8 +4,10 @@ Each global step takes the next batch of every active adapter (its own batch siz
 `forward_backward` over all of them, and steps each adapter whose gradient accumulation is
 complete. Adapters beyond the slot pool queue and are admitted as slots free; a finished adapter
 is evaluated, exported (PEFT) and its slot freed. Checkpoints (every ``checkpoint_every`` global
-steps) hold every active adapter's full state, its data cursor and slot, so ``--resume``
-continues bitwise identically on CPU.
+steps, when the CLI stops the job on Ctrl-C / SIGTERM, and at the end) hold every active
+adapter's full state, its data cursor and slot, so ``--resume`` continues bitwise identically on
+CPU, and ``--resume`` of a finished run only reports its result. A run dir whose run stopped
+before its first checkpoint holds nothing to resume: any start begins it over.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from ..utils.atomic import atomic_dir, atomic_write_text
 from .base_model import load_base
 from .config import TrainConfig
 from .evaluate import accuracy_matrix, evaluate, format_matrix
-from .outputs import MetricsLog, Progress, plot_run
+from .outputs import METRICS_FILE, MetricsLog, Progress, plot_run
 
-CKPT_DIR, LATEST = "checkpoints", "LATEST"
+CKPT_DIR, LATEST, SUMMARY_FILE = "checkpoints", "LATEST", "summary.json"
 
 
 @dataclass
@@ -50,23 +52,42 @@ class TrainJob:
         self.progress = Progress(progress)
         self.log = log or self.progress.write
         self.config_hash = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+        # where the run stands, for the line the CLI prints when it is interrupted:
+        # "setup" (base, data, restore), "steps" (the step loop), "summary" (every step done)
+        self.phase = "setup"
+        self.global_step = 0
+        self.last_checkpoint: int | None = None  # global step of the newest checkpoint on disk
+        self.stop_requested = False  # set by the CLI's signal handler: checkpoint after this step, stop
+        self._start_over = False  # the run dir holds logs of a run stopped before any checkpoint
 
     # -------------------------------------------------------------- set-up
     def _check_run_dir(self) -> dict | None:
-        latest = self.run_dir / CKPT_DIR / LATEST
-        if self.resume:
-            if not latest.is_file():
-                raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-            ckpt = self.run_dir / CKPT_DIR / latest.read_text().strip()
+        """-> the checkpoint state to continue from, or None to start at step 0. A run dir whose
+        run stopped before its first checkpoint has nothing to lose, so a fresh start and
+        ``--resume`` both start it over; one with checkpoints (or a finished run) needs ``--resume``."""
+        ckpt = _latest_checkpoint(self.run_dir / CKPT_DIR)
+        finished = (self.run_dir / SUMMARY_FILE).is_file()
+        if ckpt is not None and self.resume:
             state = json.loads((ckpt / "job.json").read_text())
             if state["config_hash"] != self.config_hash:
                 raise ValueError(f"--resume: the config changed since {ckpt} was written; "
                                  "resume with the same YAML or start a new run_dir")
             state["_dir"] = str(ckpt)
+            self.last_checkpoint = state["global_step"]
             return state
-        if (self.run_dir / CKPT_DIR).exists() or any(self.run_dir.glob("*/metrics.jsonl")):
-            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, "
-                             "or choose another run_dir (nothing was written)")
+        if ckpt is None and not finished and any(self.run_dir.glob(f"*/{METRICS_FILE}")):
+            self.log(f"{self.run_dir}: its run stopped before its first checkpoint (nothing to resume); "
+                     "starting it over from step 0")
+            self._start_over = True
+            return None
+        if self.resume:
+            why = "its run finished without one" if finished else "start it without --resume"
+            raise ValueError(f"--resume: {self.run_dir} has no checkpoint to resume from ({why})")
+        if ckpt is not None or finished:
+            what = ("a run, finished; pass --resume to see its result" if finished else
+                    f"a run, checkpointed at global step {int(ckpt.name[5:])}; pass --resume to continue it")
+            raise ValueError(f"{self.run_dir} already holds {what}, or --run-dir DIR to start a new run "
+                             "elsewhere (nothing was written)")
         return None
 
     def _load_data(self, tok):
@@ -93,8 +114,15 @@ class TrainJob:
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
         state = self._check_run_dir()
+        complete = state is not None and not (state["active"] or state["queue"])
+        if complete and (self.run_dir / SUMMARY_FILE).is_file():
+            return self._already_complete(state)  # (without its summary, it is computed again below)
         model, tok, base_name = load_base(self.cfg.base, log=self.log)
         self._load_data(tok)
+        if self._start_over:  # its logs would mix with the new run's (its exports are rewritten)
+            for a in self.cfg.adapters:
+                (self.run_dir / a.name / METRICS_FILE).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tb" / a.name, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer, self.base_name = tok, base_name
         fleet = self.fleet = Fleet(model, max_adapters=self.cfg.max_adapters, max_rank=self.cfg.max_rank)
@@ -110,16 +138,52 @@ class TrainJob:
             self._restore(state)
         t_start = time.perf_counter()
         try:
-            while self.active or self.queue:
-                self._admit()
-                self._shared_step()
-                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0 and self.active:
-                    self.checkpoint()
+            self._step_loop()
         finally:
             self.progress.close()
             for lg in self.logs.values():
                 lg.close()
         return self._summary(time.perf_counter() - t_start)
+
+    def _step_loop(self):
+        """Every step, then the final checkpoint. A stop request (the CLI's Ctrl-C / SIGTERM
+        handler) is honoured between steps, where every adapter's state is whole: the only safe
+        place for a checkpoint, written as the periodic ones are, so resuming it is exact."""
+        self.phase = "steps"
+        while self.active or self.queue:
+            self._admit()
+            self._shared_step()
+            due = self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0
+            if (due or self.stop_requested) and (self.active or self.queue):
+                self.checkpoint()
+            if self.stop_requested and (self.active or self.queue):
+                raise KeyboardInterrupt(f"stopped at global step {self.global_step}")
+        if self.last_checkpoint != self.global_step:
+            self.checkpoint()  # of the finished run: its --resume does no step again
+        self.phase = "summary"
+        if self.stop_requested:
+            raise KeyboardInterrupt(f"stopped after the last step ({self.global_step})")
+
+    def stop_point(self) -> str:
+        """Where an interrupted run stands, and what is saved, in words."""
+        if self.last_checkpoint is None:
+            saved = "no checkpoint yet"
+        elif self.last_checkpoint == self.global_step and self.phase != "setup":
+            saved = "checkpoint saved"
+        else:
+            saved = f"last checkpoint at global step {self.last_checkpoint}"
+        if self.phase == "setup":
+            return f"before training {'started' if self.last_checkpoint is None else 'resumed'}, {saved}"
+        if self.phase == "summary":
+            return f"after its last step (global step {self.global_step}, {saved}), before its summary"
+        return f"at global step {self.global_step}, {saved}"
+
+    def _already_complete(self, state) -> dict:
+        summary = json.loads((self.run_dir / SUMMARY_FILE).read_text())
+        self.log(f"{self.run_dir}: the run is already complete (global step {state['global_step']}); "
+                 "nothing to resume")
+        self._report(summary)
+        return summary
 
     def _admit(self):
         while self.queue and self.fleet.bank.free_slot() is not None:
@@ -208,11 +272,16 @@ class TrainJob:
                 self.fleet.save_state(n, tmp / "adapters" / n)
             runs = {n: dict(asdict(r), cursor=self.cursors[n].state_dict()) for n, r in self.active.items()}
             job = {"global_step": self.global_step, "queue": self.queue, "finished": self.finished,
-                   "active": runs, "config_hash": self.config_hash}
+                   "active": runs, "config_hash": self.config_hash, **self._extra_state()}
             (tmp / "job.json").write_text(json.dumps(job, indent=1))
+        self.last_checkpoint = self.global_step  # in place: resumable now, LATEST or not
         atomic_write_text(root / LATEST, tag + "\n")
         for old in sorted(p for p in root.glob("step-*") if p.name != tag)[:-1]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
+
+    def _extra_state(self) -> dict:
+        """Job-wide counters a subclass keeps in its checkpoints (restored by its `_restore`)."""
+        return {}
 
     def _restore(self, state):
         ckpt = Path(state["_dir"])
@@ -243,13 +312,29 @@ class TrainJob:
                 matrix.update(accuracy_matrix(self.fleet, group, tasks))
                 for n in group:
                     self.fleet.remove_adapter(n)
-            self.log("\n" + format_matrix(matrix))
         summary = {"run_dir": str(self.run_dir), "base": self.base_name, "seconds": round(seconds, 1),
                    "adapters": self.finished, "data": self.data_stats, "loss_curves": str(png),
                    "accuracy": {("base" if k is None else k): v for k, v in matrix.items()}}
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-        self.log(f"loss curves: {png}")
+        self._write_summary(summary)
         return summary
+
+    def _write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+        self._report(summary)
+
+    def _report(self, summary: dict) -> None:
+        """The end of a run's output (also what `--resume` of a finished run shows)."""
+        if summary["accuracy"]:
+            self.log("\n" + format_matrix({(None if k == "base" else k): v for k, v in summary["accuracy"].items()}))
+        self.log(f"loss curves: {summary['loss_curves']}")
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint. Not read from LATEST: a crash between renaming a checkpoint into
+    place and rewriting LATEST leaves LATEST one behind, and atomic_dir only ever shows complete
+    ``step-*`` directories."""
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    return steps[-1] if steps else None
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
