@@ -11,11 +11,23 @@ import threading
 from pathlib import Path
 
 
-def _threads(args) -> None:
-    if getattr(args, "threads", None):
+THREADS_HELP = ("torch intra-op threads; 0 = torch's default (one per core). Default: 1 for the built-in "
+                "bases, whose layers are too small to split (bench/bench_threads.py: on 2 cores one thread is "
+                "1.8x faster idle and 4.8x faster busy), torch's default for a model directory")
+
+
+def _threads(args, builtin_base: bool) -> None:
+    """Set torch's threads before the model is built. Tiny layers make every op an OpenMP barrier,
+    and with a neighbour process on the machine the waiting threads spin through its time slices."""
+    n = args.threads
+    if n is None:
+        n = 1 if builtin_base else 0
+    if n < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {n}")
+    if n:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(n)
 
 
 def _job(args) -> int:
@@ -23,7 +35,6 @@ def _job(args) -> int:
     ends in one line saying where the run stopped and the command that continues it."""
     with _StopSignals() as stop:
         try:
-            _threads(args)
             if args.command == "rl":
                 from .jobs.rl import RLJob as Job, load_rl_config as load
             else:
@@ -31,6 +42,7 @@ def _job(args) -> int:
                 from .jobs.train import TrainJob as Job
 
             cfg = load(args.config)
+            _threads(args, builtin_base=cfg.base.path is None)
             if args.run_dir:
                 cfg.run_dir = args.run_dir
             stop.job = Job(cfg, resume=args.resume, progress=False if args.no_progress else None)
@@ -99,7 +111,7 @@ def _plot(args) -> int:
 
 
 def _serve(args) -> int:
-    _threads(args)
+    _threads(args, builtin_base=args.base is None or not Path(args.base).is_dir())
     from .service.server import serve
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
@@ -150,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         cmd.add_argument("--run-dir", help="override the YAML's run_dir")
         cmd.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-        cmd.add_argument("--threads", type=int,
-                         help="torch intra-op threads (1 is fastest for tiny models on a busy CPU)")
+        cmd.add_argument("--threads", type=int, help=THREADS_HELP)
         cmd.set_defaults(fn=_job)
     p = sub.add_parser("plot", help="write the PNG of a run's loss curves")
     p.add_argument("run_dir")
@@ -162,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default="lorafleet-data", help="checkpoints and the tokenizer live here")
     s.add_argument("--base", help="a Hugging Face model directory, a debug arch, or debug:<arch>-qwenvocab (the Qwen "
-                   "vocabulary and an offline Qwen tokenizer) (default: the qwen3_moe debug base)")
+                   "vocabulary and an offline Qwen tokenizer) (default: lorafleet:qwen3_moe-copy, the train quickstart's "
+                   "pretrained base; debug:<arch> for a random-init one)")
     s.add_argument("--api-keys", help="file of tenant:key lines (or JSON); also read: $LORAFLEET_API_KEYS")
     s.add_argument("--max-adapters", type=int, default=16, help="slots: training models + loaded samplers")
     s.add_argument("--max-rank", type=int, default=64)
     s.add_argument("--alias", action="append", default=[], help="another base_model name to accept (repeatable)")
-    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--threads", type=int, help=THREADS_HELP)
     s.add_argument("--dataset-root", action="append", default=[],
                    help="a directory jobs may read server-side datasets from (repeatable; default: none)")
     s.add_argument("--store", choices=("sqlite", "memory"), default="sqlite",
