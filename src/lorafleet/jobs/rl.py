@@ -247,7 +247,9 @@ class RLJob(TrainJob):
         self.reward_errors = dict(state.get("reward_errors", {}))
 
     def _summary(self, seconds):
-        png = plot_run(self.run_dir, self.run_dir / "reward_curves.png")
+        png = self.run_dir / "reward_curves.png"
+        if self.writes:  # rank 0 only under torchrun
+            png = plot_run(self.run_dir, png)
         summary = {"run_dir": str(self.run_dir), "base": self.base_name, "seconds": round(seconds, 1),
                    "adapters": self.finished, "reward_curves": str(png),
                    "reward_errors": self.reward_errors}

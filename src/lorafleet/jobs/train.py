@@ -24,6 +24,7 @@ from pathlib import Path
 from ..data.datasets import DataCursor, load_examples, split_eval
 from ..engine import Fleet
 from ..utils.atomic import atomic_dir, atomic_write_text
+from ..distributed.jobs import any_rank, distribute_job, follow_checkpoint
 from .base_model import load_base
 from .config import TrainConfig
 from .evaluate import accuracy_matrix, evaluate, format_matrix
@@ -46,6 +47,10 @@ class AdapterRun:
 
 
 class TrainJob:
+    # under torchrun, ranks other than 0 run silent (lorafleet.distributed.jobs.silence)
+    writes = True
+    metrics_log = MetricsLog
+    comm = None
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool | None = None, log=None):
         self.cfg, self.resume = cfg, resume
         self.run_dir = Path(cfg.run_dir)  # relative to the working directory, like every CLI path
@@ -127,6 +132,7 @@ class TrainJob:
         self.tokenizer, self.base_name = tok, base_name
         fleet = self.fleet = Fleet(model, max_adapters=self.cfg.max_adapters, max_rank=self.cfg.max_rank)
         fleet.logprob_chunk = self.cfg.logprob_chunk
+        self.comm = distribute_job(self, fleet)  # torchrun or `parallelism:`; None: one process
         self.jobs = {a.name: a for a in self.cfg.adapters}
         self.active: dict[str, AdapterRun] = {}
         self.cursors: dict[str, DataCursor] = {}
@@ -153,6 +159,8 @@ class TrainJob:
         while self.active or self.queue:
             self._admit()
             self._shared_step()
+            if self.comm is not None:  # every rank stops at the same step
+                self.stop_requested = any_rank(self.comm, self.stop_requested)
             due = self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0
             if (due or self.stop_requested) and (self.active or self.queue):
                 self.checkpoint()
@@ -194,7 +202,7 @@ class TrainJob:
             self.fleet.set_optimizer(name, a.optim_config(total))
             self.active[name] = AdapterRun(slot=slot, total_steps=total)
             self.cursors[name] = DataCursor(self.train_sets[name], seed=self.cfg.seed + a.seed)
-            self.logs[name] = MetricsLog(self.run_dir, name)
+            self.logs[name] = self.metrics_log(self.run_dir, name)
             st = self.data_stats[name]
             self.logs[name].log({"step": 0, "global_step": self.global_step, "data_examples": st["examples"],
                                  "data_truncated": st["truncated"], "data_skipped": st["skipped"]})
@@ -265,6 +273,8 @@ class TrainJob:
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self):
+        if not self.writes:
+            return follow_checkpoint(self)
         tag = f"step-{self.global_step:06d}"
         root = self.run_dir / CKPT_DIR
         with atomic_dir(root / tag) as tmp:
@@ -293,13 +303,13 @@ class TrainJob:
             self.active[n] = run
             self.cursors[n] = DataCursor(self.train_sets[n], seed=self.cfg.seed + self.jobs[n].seed)
             self.cursors[n].load_state_dict(cursor)
-            self.logs[n] = MetricsLog(self.run_dir, n, resume_step=self.global_step)
+            self.logs[n] = self.metrics_log(self.run_dir, n, resume_step=self.global_step)
             self.progress.start(n, run.total_steps, run.step, position=run.slot)
         self.log(f"resumed {self.run_dir} at global step {self.global_step} from {ckpt.name}")
 
     # ------------------------------------------------------------- summary
     def _summary(self, seconds: float) -> dict:
-        png = plot_run(self.run_dir)
+        png = plot_run(self.run_dir) if self.writes else self.run_dir / "loss_curves.png"
         tasks = {n: self.eval_sets[n] for n in self.finished if self.eval_sets[n]}
         matrix = {}
         if tasks:
@@ -319,7 +329,8 @@ class TrainJob:
         return summary
 
     def _write_summary(self, summary: dict) -> None:
-        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+        if self.writes:
+            atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
         self._report(summary)
 
     def _report(self, summary: dict) -> None:
@@ -340,4 +351,5 @@ def _latest_checkpoint(root: Path) -> Path | None:
 def _config_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("source", None)
+    d.pop("parallelism", None)  # a run resumes on any world size
     return d
