@@ -2,8 +2,9 @@
 mixed ranks, an attention-only adapter, base rows) gives the same logits and LoRA gradients
 under EP as in one process (fp32, rel err <= 1e-5; sharded gradients gathered, shared-factor
 and dense gradients summed), with activation checkpointing, an EP rank whose experts get no
-token, ranks with only base rows, transposed/biased (GPT-OSS) and shared-expert (DeepSeek-V3)
-experts, and EP=2 x expert-DP=2 on a DeviceMesh."""
+token, ranks with only base rows, an adapter added after slicing, transposed/biased (GPT-OSS) and
+shared-expert (DeepSeek-V3) experts, and a clean failure on indivisible experts. EP=2 x
+expert-DP=2 (4 processes) runs through the engine in test_expert_parallel_train.py."""
 
 from __future__ import annotations
 
@@ -162,13 +163,15 @@ def base_only():
 def case_archs(rank):
     compare("gpt_oss", checkpointing=True)
     compare("deepseek_v3")
+    indivisible()
 
 
-def case_mesh(rank):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
-    compare("qwen3_moe", checkpointing=True, ep_group=mesh["ep"].get_group(), dp_group=mesh["dp"].get_group())
+def indivisible():
+    """3 experts on 2 EP ranks: the same ValueError on every rank, before any change or collective."""
+    fleet = lf.Fleet(build_debug_model("qwen3_moe", seed=0, num_experts=3, num_experts_per_tok=2))
+    with pytest.raises(ValueError, match="not divisible by the expert-parallel degree 2"):
+        apply_expert_parallel(fleet, dist.group.WORLD)
+    assert all(m.num_local_experts == 3 and m.token_dispatcher is None for m in fleet._att.experts.values())
 
 
 def _worker(rank, world, init_file, case):
@@ -193,6 +196,3 @@ def test_ep2_mixed_batches_and_skew():
 def test_ep2_transposed_biased_and_shared_experts():
     run(2, "case_archs")
 
-
-def test_ep2_x_dp2_mesh():
-    run(4, "case_mesh")
