@@ -11,6 +11,8 @@ importance ratio of a fresh policy starts at exactly 1.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -155,7 +157,8 @@ class SamplingMixin:
         step_ids, step_pos = ids, pos
         for t in range(params.max_tokens):
             out = self.run_routed(self.model, [rows[i].slot for i in live], input_ids=step_ids,
-                                  attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True)
+                                  attention_mask=mask, position_ids=step_pos, use_cache=True,
+                                  **{_cache_keyword(type(self.model)): cache})
             logits = out.logits[:, -1].float()
             logp = torch.log_softmax(logits, -1)
             nxt = _choose(logits, params, [rows[i].gen for i in live])
@@ -182,6 +185,13 @@ class SamplingMixin:
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             step_ids = nxt.view(-1, 1).to(dev)
             step_pos = step_pos[:, -1:] + 1
+
+
+@functools.cache
+def _cache_keyword(model_cls) -> str:
+    """The forward's KV-cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``
+    (the old name warns on every decode step and goes away in 5.40); 5.17 knows only the old one."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def _row_seed(seed, request: int, sample: int) -> int:
