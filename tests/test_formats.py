@@ -408,8 +408,9 @@ def test_refuse_corrupt_lorafleet_json(saved):
     ("bias", "all", "bias"),
     ("lora_bias", True, "lora_bias"),
     ("modules_to_save", ["lm_head"], "modules_to_save"),
-    ("rank_pattern", {"q_proj": 4}, "rank_pattern"),
-    ("alpha_pattern", {"q_proj": 4}, "alpha_pattern"),
+    ("rank_pattern", {"q_proj": 4}, "rank_pattern"),  # the file's q_proj has rank 3: tensors disagree
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
+    ("alpha_pattern", {"(": 4}, "alpha_pattern"),  # not a regex (a valid alpha_pattern loads)
     ("r", 0, "'r'"),
     ("lora_alpha", "x", "lora_alpha"),
 ])

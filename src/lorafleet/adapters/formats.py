@@ -197,13 +197,25 @@ def _write_dir(path: Path, tensors, adapter_config, meta) -> None:
 
 # =============================================================================== load
 def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None,
-                     model_type: str = "") -> AdapterWeights:
+                     model_type: str = "", linear_shapes: dict[str, tuple[int, int]] | None = None
+                     ) -> AdapterWeights:
     """Read an adapter directory in any of the three layouts into :class:`AdapterWeights`.
 
     ``experts_arch[path]`` (E / H / I and the gate/up row order per experts module) is required
-    for the PEFT ``target_parameters`` and SGLang layouts. Independent gate and up LoRAs of rank r
-    (per-expert 2D or SGLang files) become their exact fused equivalent of rank 2r: the whole
-    adapter is then zero-padded to rank 2r and alpha rescaled so every update is unchanged
-    (``config.rank`` says so; the caller checks it against its max rank).
+    for the PEFT ``target_parameters`` and SGLang layouts. The adapter gets one rank and one scale,
+    every update unchanged: modules of a lower rank (PEFT ``rank_pattern``, or all but an unfused
+    gate/up pair that becomes its exact fused form of rank 2r) are zero-padded to the largest and
+    alpha set so ``config.scale`` is unchanged (``config.rank`` says so; the caller checks it
+    against its max rank); a module whose PEFT scale (``alpha_pattern``) differs has the ratio
+    folded into its B, with a warning (outputs exact, continued training not).
+
+    ``linear_shapes`` (path -> (in, out) of every base linear that can carry LoRA, as a fleet
+    passes it): modules of the targeted names that the file leaves out (``layers_to_transform``,
+    regex ``target_modules``) and experts modules / projections it leaves out get zero LoRA, which
+    stays zero under training; a module that is not among them (router, ``lm_head``) is refused.
+
+    Refused with :class:`AdapterFormatError` (a ``ValueError``) naming the field or key: anything
+    lorafleet cannot reproduce, e.g. PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ adapters saved
+    without PEFT's ``path_initial_model_for_weight_conversion``, router LoRA, DoRA, LoRA variants.
     """
-    return load_dir(path, experts_arch, model_type)
+    return load_dir(path, experts_arch, model_type, linear_shapes)

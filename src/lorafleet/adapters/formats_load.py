@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..config import EXPERT_SHARING_MODES, AdapterConfig
 from .formats_layouts import (
     CONFIG_FILE, META_FILE, MIXTRAL_NAMES, PARAM_OF_PROJ, PREFIX, PROJ_OF_PARAM, PROJS,
     SHARED_FACTORS, VLLM_NAMES, WEIGHTS_FILE, AdapterFormatError, fuse_gate_up, peft_read,
-    sglang_read,
+    proj_dims, sglang_read,
 )
 from .weights import AdapterWeights, ExpertsArch
 
@@ -36,7 +37,26 @@ def _read_json(file: Path, required: bool) -> dict | None:
     return data
 
 
-def _check_config(cfg: dict, file: Path) -> tuple[int, float, bool, str, list[str]]:
+# PEFT 0.21 `init_lora_weights` values. These rewrite the base weights at init (PiSSA / OLoRA /
+# CorDA / LoRA-GA: W_res = W - scale·B0·A0; LoftQ: W -> a quantized W); an adapter saved without
+# conversion is only right on that modified base, never on the original one lorafleet shares.
+_CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")  # PEFT can convert them at save time
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # base untouched: the file is a plain LoRA
+# LoraConfig fields that switch on a PEFT variant whose forward or training is not plain LoRA
+_VARIANT_FIELDS = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA: the adapter applies only after its invocation tokens)",
+    "use_qalora": "QA-LoRA (group-pooled LoRA input)",
+    "layer_replication": "layer replication (changes the base model's layer stack)",
+    "trainable_token_indices": "trainable tokens (extra embedding rows)",
+    "use_bdlora": "BD-LoRA (block-diagonal LoRA factors)",
+    "arrow_config": "Arrow (routing between LoRA experts)",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA (sampled LoRA factors)",
+    "velora_config": "VeLoRA (compressed activations in backward)",
+}
+
+
+def _check_config(cfg: dict, file: Path):
     def bad(field, why):
         return AdapterFormatError(f"{file}: field {field!r} {why}")
 
@@ -50,9 +70,25 @@ def _check_config(cfg: dict, file: Path) -> tuple[int, float, bool, str, list[st
         raise bad("lora_bias", "is true; LoRA biases are not supported")
     if cfg.get("modules_to_save"):
         raise bad("modules_to_save", f"is {cfg.get('modules_to_save')!r}; fully trained modules are not supported")
-    for field in ("rank_pattern", "alpha_pattern"):
+    for field, what in _VARIANT_FIELDS.items():
         if cfg.get(field):
-            raise bad(field, f"is {cfg.get(field)!r}; per-module ranks / alphas are not supported (one rank per adapter)")
+            raise bad(field, f"is {cfg.get(field)!r}: PEFT's {what} is not plain LoRA; lorafleet does not implement it")
+    _check_init(cfg.get("init_lora_weights", True), bad)
+    patterns = {}
+    for field in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(field) or {}
+        if not isinstance(pat, dict):
+            raise bad(field, f"is {pat!r}; expected an object of module pattern -> value")
+        for k, v in pat.items():
+            ok = isinstance(v, int) and v >= 1 if field == "rank_pattern" else \
+                isinstance(v, (int, float)) and math.isfinite(v)
+            if isinstance(v, bool) or not ok:
+                raise bad(field, f"entry {k!r}: {v!r} is not a {'positive integer' if field == 'rank_pattern' else 'finite number'}")
+            try:
+                re.compile(k)
+            except re.error as exc:
+                raise bad(field, f"entry {k!r} is not a valid regular expression ({exc})") from exc
+        patterns[field] = pat
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise bad("r", f"is {r!r}; expected a positive integer")
@@ -62,6 +98,14 @@ def _check_config(cfg: dict, file: Path) -> tuple[int, float, bool, str, list[st
     rslora = cfg.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise bad("use_rslora", f"is {rslora!r}; expected true or false")
+    dropout = cfg.get("lora_dropout", 0.0) or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", f"is {dropout!r}; expected a number in [0, 1)")
+    if dropout > 0:
+        warnings.warn(
+            f"{file}: lora_dropout={dropout:g} is not applied: lorafleet has no LoRA dropout. The adapter's "
+            "outputs are exact (PEFT applies dropout only in training), but continued training runs without "
+            "dropout, unlike PEFT's", UserWarning, stacklevel=4)
     version = cfg.get("peft_version") or ""
     tps = cfg.get("target_parameters") or []
     if not isinstance(tps, list) or not all(isinstance(t, str) for t in tps):
@@ -69,7 +113,46 @@ def _check_config(cfg: dict, file: Path) -> tuple[int, float, bool, str, list[st
     if tps and re.match(r"^0\.19\.0(\D|$)", str(version)):
         raise bad("peft_version", f"is {version!r}: PEFT 0.19.0 wrote target_parameters (MoE experts) "
                   "LoRA in a known buggy layout; re-save the adapter with PEFT >= 0.19.1")
-    return r, float(alpha), rslora, str(version), tps
+    return r, float(alpha), rslora, str(version), tps, patterns["rank_pattern"], patterns["alpha_pattern"]
+
+
+def _check_init(init, bad) -> None:
+    """Refuse inits that modified the base weights; warn where PEFT trains differently."""
+    if isinstance(init, bool):
+        return
+    if not isinstance(init, str):
+        raise bad("init_lora_weights", f"is {init!r}; expected true, false or a PEFT init name")
+    low = init.lower()
+    if low.startswith(_CONVERTIBLE_INITS):
+        raise bad("init_lora_weights", (
+            f"is {init!r}: this init subtracts the initial LoRA from the base weights, so the saved adapter "
+            "is only right on that modified base, not on the original base model lorafleet uses (loading it "
+            "would silently give wrong outputs). Convert it in PEFT: save the untrained adapter right after "
+            "get_peft_model (model.save_pretrained(init_dir)), then save the trained one with "
+            "model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir); that writes a "
+            "plain LoRA (init_lora_weights true, rank 2r) for the original base, which loads here"))
+    if low == "loftq":
+        raise bad("init_lora_weights", (
+            "is 'loftq': LoftQ replaces the base weights by a quantized approximation and fits the adapter to "
+            "that base, so it is wrong on the original base lorafleet uses; PEFT's "
+            "path_initial_model_for_weight_conversion only converts PiSSA / OLoRA / CorDA / LoRA-GA adapters, "
+            "not LoftQ"))
+    if low == "mica":
+        warnings.warn(
+            f"init_lora_weights 'mica': PEFT keeps MiCA's lora_B frozen in training; lorafleet trains A and B, "
+            "so outputs are exact but continued training differs from PEFT", UserWarning, stacklevel=5)
+        return
+    if low not in _PLAIN_INITS:
+        raise bad("init_lora_weights", f"is {init!r}: unknown init (known to be a plain LoRA: true, false, "
+                  f"{', '.join(repr(i) for i in _PLAIN_INITS)}, 'mica')")
+
+
+def _pattern(patterns: dict, key: str, default):
+    """PEFT's `get_pattern_key` lookup: the first pattern that matches the end of ``key``."""
+    for k, v in patterns.items():
+        if re.match(rf"(.*\.)?({k})$", key):
+            return v
+    return default
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -85,14 +168,15 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{file}: unreadable or corrupt safetensors file ({exc})") from exc
 
 
-def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str) -> AdapterWeights:
+def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
+             linear_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterWeights:
     root = Path(path)
     if not root.is_dir():
         raise AdapterFormatError(f"{root}: not an adapter directory (missing or not a directory)")
     cfg_file = root / CONFIG_FILE
     cfg = _read_json(cfg_file, required=True)
     meta = _read_json(root / META_FILE, required=False) or {}
-    r, alpha, rslora, version, tps = _check_config(cfg, cfg_file)
+    r, alpha, rslora, version, tps, rank_pat, alpha_pat = _check_config(cfg, cfg_file)
     raw = _load_tensors(root / WEIGHTS_FILE)
     model_type = model_type or str(meta.get("model_type") or "")
     archs = dict(experts_arch or {})
@@ -103,7 +187,11 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
     for key, t in raw.items():
         m = _KEY_RE.match(key)
         if not m:
-            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: unsupported key {key!r} (expected ...lora_A.weight / ...lora_B.weight)")
+            what = " (expected ...lora_A.weight / ...lora_B.weight)"
+            if re.search(r"lora_embedding_|embed_tokens|lm_head", key):
+                what = (" (LoRA on lm_head / embed_tokens is not supported: lorafleet puts LoRA on the decoder "
+                        "layers' linears and packed experts only)")
+            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: unsupported key {key!r}{what}")
         stem = m.group(1)[len(PREFIX):] if m.group(1).startswith(PREFIX) else m.group(1)
         pairs.setdefault(stem, {})[m.group(2)] = t
     for stem, ab in pairs.items():
@@ -113,10 +201,9 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
                                      f"lora_{miss} partner ({stem}.lora_{miss}.weight missing)")
 
     tp_parts = [(t.rpartition(".")[0], t.rpartition(".")[2]) for t in tps]
-    for _, pname in tp_parts:
+    for tp, (mp, pname) in zip(tps, tp_parts):
         if pname not in PROJ_OF_PARAM:
-            raise AdapterFormatError(f"{cfg_file}: target_parameters entry for {pname!r} is not supported "
-                                     f"(only {sorted(PROJ_OF_PARAM)})")
+            raise _unsupported_parameter(cfg_file, tp, mp, pname, pairs, archs)
 
     def arch_for(p, key):
         a = archs.get(p)
@@ -125,8 +212,20 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
                                      "(needed for num_experts / hidden / intermediate sizes)")
         return a
 
+    def key_matches(pat, key):
+        return _pattern(pat, key, None) is not None
+
+    def module_rank(key):  # PEFT's rank of one module (rank_pattern), checked against the tensors
+        rm = _pattern(rank_pat, key, r)
+        return rm, f"r={rm}" + (" (from rank_pattern)" if key_matches(rank_pat, key) else "")
+
+    def module_scale(key, rm):
+        am = float(_pattern(alpha_pat, key, alpha))
+        return am / (math.sqrt(rm) if rslora else rm)
+
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    scales: dict[object, float] = {}  # dense path | (experts path, proj) -> PEFT's scale of that module
     shared_dims: dict[str, set] = {}
     per_expert: dict[str, dict[int, dict[str, dict[str, torch.Tensor]]]] = {}
     sglang: dict[str, dict[str, torch.Tensor]] = {}
@@ -150,9 +249,12 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
             if depth >= len(params):
                 raise AdapterFormatError(f"{key}: {depth} '.base_layer' levels but only {len(params)} "
                                          f"target_parameters match {base!r}")
-            proj = PROJ_OF_PARAM[params[len(params) - 1 - depth]]
+            param = params[len(params) - 1 - depth]
+            proj = PROJ_OF_PARAM[param]
             arch = arch_for(base, key)
-            add_expert(base, proj, peft_read(key, ab["A"], ab["B"], proj, arch, r, legacy, version), key)
+            rm, _ = module_rank(f"{base}.{param}")
+            add_expert(base, proj, peft_read(key, ab["A"], ab["B"], proj, arch, rm, legacy, version), key)
+            scales[(base, proj)] = module_scale(f"{base}.{param}", rm)
             found_arch[base] = arch
         elif depth:
             raise AdapterFormatError(f"{key}: '.base_layer' key but adapter_config.json has no matching "
@@ -164,11 +266,23 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
                 {f"{stem}.lora_A.weight": ab["A"], f"{stem}.lora_B.weight": ab["B"]})
         else:
             a, b = ab["A"], ab["B"]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            rm, rdesc = module_rank(stem)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rm or b.shape[1] != rm:
                 raise AdapterFormatError(f"{key}: lora_A {list(a.shape)} / lora_B {list(b.shape)} disagree "
-                                         f"with r={r} (expected lora_A [r, in], lora_B [out, r])")
+                                         f"with {rdesc} (expected lora_A [r, in], lora_B [out, r])")
             dense[stem] = (a, b)
+            scales[stem] = module_scale(stem, rm)
 
+    # per-expert 2D and SGLang files come from engines that use one rank: no patterns there
+    for pat_name, pat in (("rank_pattern", rank_pat), ("alpha_pattern", alpha_pat)):
+        hit = next((f"{st}" for st in pairs if (_PER_EXPERT_RE.match(st) or st in {
+            f"{p}.{n}" for p in sglang for n in PARAM_OF_PROJ.values()}) and key_matches(pat, st)), None)
+        if hit:
+            raise AdapterFormatError(f"{cfg_file}: field {pat_name!r} matches {hit!r}: per-module ranks / "
+                                     "alphas are supported for dense modules and PEFT target_parameters only, "
+                                     "not in per-expert (vLLM) or SGLang 3D layouts")
+
+    s0 = alpha / (math.sqrt(r) if rslora else r)
     for p, ts in sglang.items():
         arch = arch_for(p, f"{PREFIX}{p}.gate_up_proj.lora_A.weight")
         if arch.interleaved_gate_up:
@@ -177,6 +291,7 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
         projs, shared = sglang_read(p, ts, arch, r)
         for proj, ab in projs.items():
             add_expert(p, proj, ab, f"{PREFIX}{p}.{PARAM_OF_PROJ[proj]}.lora_A.weight")
+            scales[(p, proj)] = s0
         shared_dims[p] = {(pr, f) for pr, f in shared}
         found_arch[p] = arch
 
@@ -184,10 +299,54 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str)
         p, arch, projs = _read_per_expert(pfile, by_e, archs, r, model_type)
         for proj, ab in projs.items():
             add_expert(p, proj, ab, f"{PREFIX}{pfile}.0")
+            scales[(p, proj)] = s0
         found_arch[p] = arch
 
-    return _finish(cfg, meta, r, alpha, rslora, dense, experts, shared_dims, found_arch, model_type,
-                   sglang_only=bool(sglang) and not per_expert, file=root / META_FILE)
+    if linear_shapes is not None:
+        for stem, (a, b) in dense.items():
+            if stem not in linear_shapes:
+                raise _not_a_target(root / WEIGHTS_FILE, stem, b.shape[0], archs, linear_shapes)
+
+    return _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
+                   sglang_only=bool(sglang) and not per_expert, file=root / META_FILE,
+                   linear_shapes=linear_shapes, archs=archs)
+
+
+_ROUTER_HINT = (
+    "a router LoRA changes which experts each token is sent to; lorafleet keeps routers frozen and cannot "
+    "apply one, so loading the rest would not reproduce the adapter. PEFT targets the router for "
+    "target_modules='all-linear' on MoE models; train with an explicit list instead, e.g. "
+    "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] "
+    "(PEFT maps gate/up/down onto the packed experts)")
+
+
+def _is_router(stem: str, out: int, archs: dict[str, ExpertsArch]) -> bool:
+    """A module whose outputs are the expert count of an experts module next to it, or one gate."""
+    parent = stem.rpartition(".")[0]
+    near = [a for p, a in archs.items() if p.rpartition(".")[0] == parent]
+    return out == 1 or any(a.num_experts == out for a in near) or stem.rsplit(".", 1)[-1] in ("gate", "router")
+
+
+def _unsupported_parameter(cfg_file, tp, mp, pname, pairs, archs) -> AdapterFormatError:
+    stems = sorted(st for st in pairs if mp and (st == mp or st.endswith("." + mp)))
+    outs = {pairs[st]["B"].shape[0] for st in stems if "B" in pairs[st]}
+    if stems and pname == "weight" and all(_is_router(st, o, archs) for st in stems for o in outs):
+        more = f" and {len(stems) - 1} more" if len(stems) > 1 else ""
+        return AdapterFormatError(f"{cfg_file}: target_parameters entry {tp!r} puts LoRA on the MoE router "
+                                  f"({stems[0]}{more}, {max(outs)} outputs): {_ROUTER_HINT}")
+    return AdapterFormatError(f"{cfg_file}: target_parameters entry {tp!r} ({pname!r}) is not supported: lorafleet "
+                              f"puts LoRA on packed experts' {' / '.join(sorted(PROJ_OF_PARAM))} only")
+
+
+def _not_a_target(file, stem, out, archs, linear_shapes) -> AdapterFormatError:
+    key = f"{PREFIX}{stem}.lora_A.weight"
+    if _is_router(stem, out, archs):
+        return AdapterFormatError(f"{file}: {key}: LoRA on the router / gate linear {stem!r} ({out} outputs): "
+                                  f"{_ROUTER_HINT}")
+    short = sorted({p.rsplit(".", 1)[-1] for p in linear_shapes})
+    return AdapterFormatError(f"{file}: {key}: unknown target module {stem!r} for this base model; lorafleet puts LoRA "
+                              f"on the decoder layers' linears ({', '.join(short)}) and packed experts only "
+                              "(not on lm_head, embeddings or routers)")
 
 
 def _read_per_expert(pfile, by_e, archs, r, model_type):
@@ -231,25 +390,63 @@ def _read_per_expert(pfile, by_e, archs, r, model_type):
     return p, arch, {"gate_up": gu, "down": (da, db)}
 
 
-def _finish(cfg, meta, r, alpha, rslora, dense, experts, shared_dims, found_arch, model_type,
-            sglang_only, file) -> AdapterWeights:
-    # one rank for the whole adapter: pad to the largest (2r after an unfused gate/up import)
-    big_r = max([r] + [ab[0].shape[1] for d in experts.values() for ab in d.values()])
-    if big_r != r:
+def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
+            sglang_only, file, linear_shapes=None, archs=None) -> AdapterWeights:
+    """One rank and one scale for the whole adapter, every update unchanged: modules of lower rank
+    (rank_pattern, or every module but an unfused gate/up of rank 2r) are zero-padded; a module
+    whose PEFT scale (alpha_m / r_m) differs from the adapter's has the ratio folded into its B."""
+    s0 = alpha / (math.sqrt(r) if rslora else r)
+    groups: list[list] = []  # [scale, count], equal scales (to rounding) grouped
+    for sc in scales.values():
+        g = next((g for g in groups if math.isclose(g[0], sc, rel_tol=1e-12)), None)
+        if g is None:
+            groups.append([sc, 1])
+        else:
+            g[1] += 1
+    best = max((g[1] for g in groups), default=0)
+    top = [g[0] for g in groups if g[1] == best]
+    s_ref = next((sc for sc in top if math.isclose(sc, s0, rel_tol=1e-12)), top[0] if top else s0)
+    folded = []
+
+    def fold(key, b):
+        sc = scales.get(key, s_ref)
+        if math.isclose(sc, s_ref, rel_tol=1e-12):
+            return b
+        folded.append((key if isinstance(key, str) else f"{key[0]}.{PARAM_OF_PROJ[key[1]]}", sc))
+        return (b.double() * (sc / s_ref)).to(torch.promote_types(b.dtype, torch.float32))
+
+    dense = {p: (a, fold(p, b)) for p, (a, b) in dense.items()}
+    experts = {p: {pr: (a, fold((p, pr), b)) for pr, (a, b) in d.items()} for p, d in experts.items()}
+    if folded:
+        shown = ", ".join(f"{k} {sc:g}" for k, sc in folded[:3]) + (f" and {len(folded) - 3} more" if len(folded) > 3 else "")
+        warnings.warn(
+            f"{file.parent}: rank_pattern / alpha_pattern give {len(folded)} module(s) a LoRA scale "
+            f"(alpha/{'sqrt(r)' if rslora else 'r'}) other than the adapter's {s_ref:g}: {shown}. lorafleet has one "
+            "scale per adapter, so their lora_B is multiplied by the ratio: outputs are exact, but continued "
+            "training differs from PEFT (the effective learning rate of those lora_B changes by that ratio). "
+            "An alpha_pattern that keeps alpha/r equal everywhere avoids this.", UserWarning, stacklevel=4)
+
+    ranks = [a.shape[0] for a, _ in dense.values()] + [ab[0].shape[1] for d in experts.values() for ab in d.values()]
+    big_r = max([r] + ranks)
+    if not math.isclose(s_ref, s0, rel_tol=1e-12):
+        alpha = s_ref * (math.sqrt(big_r) if rslora else big_r)
+    elif big_r != r:
         alpha = alpha * (math.sqrt(big_r / r) if rslora else big_r / r)
 
-        def pad(a, b, dim_a, dim_b):
-            k = big_r - a.shape[dim_a]
-            if k == 0:
-                return a, b
-            za = list(a.shape)
-            za[dim_a] = k
-            zb = list(b.shape)
-            zb[dim_b] = k
-            return torch.cat([a, a.new_zeros(za)], dim_a), torch.cat([b, b.new_zeros(zb)], dim_b)
+    def pad(a, b, dim_a, dim_b):
+        k = big_r - a.shape[dim_a]
+        if k == 0:
+            return a, b
+        za = list(a.shape)
+        za[dim_a] = k
+        zb = list(b.shape)
+        zb[dim_b] = k
+        return torch.cat([a, a.new_zeros(za)], dim_a), torch.cat([b, b.new_zeros(zb)], dim_b)
 
-        dense = {p: pad(a, b, 0, 1) for p, (a, b) in dense.items()}
-        experts = {p: {pr: pad(a, b, 1, 2) for pr, (a, b) in d.items()} for p, d in experts.items()}
+    dense = {p: pad(a, b, 0, 1) for p, (a, b) in dense.items()}
+    experts = {p: {pr: pad(a, b, 1, 2) for pr, (a, b) in d.items()} for p, d in experts.items()}
+    if linear_shapes is not None:
+        _complete(dense, experts, found_arch, big_r, linear_shapes, archs or {})
 
     mode = meta.get("expert_sharing")
     if mode is None and sglang_only and shared_dims:
@@ -280,3 +477,28 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, shared_dims, found_arch
     return AdapterWeights(config=config, dense=dense, experts=experts, model_type=model_type,
                           base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
                           experts_arch={p: found_arch[p] for p in experts})
+
+
+def _complete(dense, experts, found_arch, rank, linear_shapes, archs) -> None:
+    """Zero LoRA (A = B = 0) for the base's modules the file leaves out (``layers_to_transform``, a
+    regex ``target_modules``, one experts projection only): the fleet gives an adapter every linear
+    of its target names and every experts module. A zero pair has zero gradients, so it stays zero
+    under training too: exact for outputs and for continued training, as in PEFT."""
+    ref = next((a for a, _ in dense.values()), None)
+    if ref is None:
+        ref = next((ab[0] for d in experts.values() for ab in d.values()), None)
+    if ref is None:
+        return
+    short = {p.rsplit(".", 1)[-1] for p in dense}
+    for p, (fin, fout) in linear_shapes.items():
+        if p not in dense and p.rsplit(".", 1)[-1] in short:
+            dense[p] = (ref.new_zeros(rank, fin), ref.new_zeros(fout, rank))
+    if not experts:
+        return
+    for p, arch in archs.items():
+        d = experts.setdefault(p, {})
+        found_arch.setdefault(p, arch)
+        for proj in PROJS:
+            if proj not in d:
+                fin, fout = proj_dims(proj, arch)
+                d[proj] = (ref.new_zeros(arch.num_experts, rank, fin), ref.new_zeros(arch.num_experts, fout, rank))

@@ -338,7 +338,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         self._check_alive()
         if name in self._slots:  # fail before reading files
             raise ValueError(f"adapter {name!r} already exists (slot {self._slots[name]})")
-        w = load_adapter_dir(path, experts_arch=self.experts_arch(), model_type=self.spec.model_type)
+        w = load_adapter_dir(path, experts_arch=self.experts_arch(), model_type=self.spec.model_type,
+                             linear_shapes={p: (m.in_features, m.out_features) for p, m in self._att.linears.items()})
         return self.add_adapter_from_weights(name, w)
 
     def save_adapter(self, name: str, path: str | os.PathLike, format: str = "peft",
