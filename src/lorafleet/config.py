@@ -36,8 +36,14 @@ class AdapterConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"AdapterConfig.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(f"AdapterConfig.alpha must be a finite number, got {self.alpha!r}")
+        # the seed feeds torch.Generator.manual_seed: checked here, before a Fleet takes a slot
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"AdapterConfig.seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        for flag in ("experts", "use_rslora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"AdapterConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.expert_sharing not in EXPERT_SHARING_MODES:
             raise ValueError(
                 f"AdapterConfig.expert_sharing must be one of {EXPERT_SHARING_MODES}, "
@@ -49,7 +55,7 @@ class AdapterConfig:
                 raise ValueError(
                     f"AdapterConfig.target_modules must be 'all-linear' or a list of module names, got {tm!r}"
                 )
-        elif not all(isinstance(t, str) and t for t in tm):
+        elif not isinstance(tm, tuple) or not all(isinstance(t, str) and t for t in tm):
             raise ValueError(f"AdapterConfig.target_modules must hold non-empty strings, got {tm!r}")
 
     @property

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .optim import read_number
+
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dpo")
 DEFAULTS = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
@@ -25,13 +27,23 @@ NEEDS = {  # per-token arrays each loss reads from the Example
 
 
 def resolve_config(loss_fn: str, loss_fn_config: dict | None) -> dict:
+    """The loss's options (defaults filled in), each a float; ValueError for an unknown option,
+    a bool or non-number, nan, a clip range with low > high, or a DPO beta that is not finite and
+    > 0. A clip threshold may be inf (no bound on that side)."""
     if loss_fn not in LOSSES:
         raise ValueError(f"unknown loss_fn {loss_fn!r}; available: {', '.join(LOSSES)}")
+    if loss_fn_config is not None and not isinstance(loss_fn_config, dict):
+        raise ValueError(f"loss_fn_config must be a mapping, got {loss_fn_config!r}")
     cfg = dict(DEFAULTS.get(loss_fn, {}))
     for k, v in (loss_fn_config or {}).items():
         if k not in cfg:
             raise ValueError(f"loss_fn {loss_fn!r} takes no option {k!r}; options: {sorted(cfg) or 'none'}")
-        cfg[k] = float(v)
+        cfg[k] = float(read_number(v, float, f"loss_fn_config.{k}", finite=k == "beta"))  # a clip may be inf
+    if "clip_low_threshold" in cfg and cfg["clip_low_threshold"] > cfg["clip_high_threshold"]:
+        raise ValueError(f"loss_fn {loss_fn!r}: clip_low_threshold {cfg['clip_low_threshold']} is above "
+                         f"clip_high_threshold {cfg['clip_high_threshold']}")
+    if "beta" in cfg and not cfg["beta"] > 0:
+        raise ValueError(f"loss_fn {loss_fn!r}: beta must be a finite number > 0, got {cfg['beta']}")
     return cfg
 
 

@@ -92,6 +92,24 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**coerce_fields(cls, d, what))
 
 
+def _finite_field(obj, name: str, hint: str = "") -> None:
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{type(obj).__name__}.{name} must be a finite number, got {v!r}"
+                         + (f" ({hint})" if hint else ""))
+
+
+def _int_field(obj, name: str, optional: bool = False) -> None:
+    """An integer field; an integral float (``1e3``) is stored as the int."""
+    v = getattr(obj, name)
+    if v is None and optional:
+        return
+    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+            or not float(v).is_integer()):
+        raise ValueError(f"{type(obj).__name__}.{name} must be an integer, got {v!r}")
+    setattr(obj, name, int(v))
+
+
 @dataclass
 class OptimConfig:
     """AdamW hyperparameters and the LR schedule of one adapter.
@@ -113,13 +131,29 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the field for a setting that would corrupt the adapter: a bool, a
+        non-number, nan or inf anywhere. Run at construction and again by `Fleet.set_optimizer`
+        (the fields stay assignable)."""
+        for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
+            _finite_field(self, name)
+        for name in ("warmup_steps", "total_steps"):
+            _int_field(self, name, optional=name == "total_steps")
+        if self.grad_clip_norm is not None:
+            _finite_field(self, "grad_clip_norm", "None or 0 turns clipping off")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {betas!r}")
+        for b in betas:
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0.0 <= b < 1.0:
+                raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = tuple(float(b) for b in betas)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"OptimConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
+        if self.lr < 0:
             raise ValueError(f"OptimConfig.lr must be a finite number >= 0, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.eps <= 0 or self.weight_decay < 0:
             raise ValueError("OptimConfig.eps must be > 0 and weight_decay >= 0")
         if self.warmup_steps < 0:
