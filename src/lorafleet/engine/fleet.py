@@ -66,6 +66,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
 
     def slot_of(self, name: str) -> int:
         self._check_alive()
+        if not isinstance(name, str):
+            raise ValueError(f"adapter names are strings, got {name!r}")
         if name not in self._slots:
             raise ValueError(f"unknown adapter {name!r}; loaded: {sorted(self._slots) or 'none'}")
         return self._slots[name]
@@ -121,16 +123,24 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
 
     def add_adapter(self, name: str, config: AdapterConfig | None = None, slot: int | None = None) -> int:
         """Put a fresh adapter (seeded A, zero B) in a free slot (or the given free ``slot``);
-        returns the slot."""
-        config = config or AdapterConfig()
+        returns the slot. Either it succeeds or nothing changes: the config is checked first, and
+        an error while the slot is set up frees the slot again (zeroed) and forgets the name."""
+        config = AdapterConfig() if config is None else config
         paths = self._validate(name, config, slot)
         slot = self.bank.free_slot() if slot is None else slot
-        self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
-                                         config.expert_sharing)
-        self._slots[name], self._configs[name] = slot, config
-        # a reused slot starts with zero moments, step 0; fp16 gets a fresh loss scale
-        self._train[name] = AdapterTrainState(scaler=LossScaler() if self.needs_loss_scaling else None)
-        self._reset_slot(slot, config, set(paths))
+        try:
+            self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
+                                             config.expert_sharing)
+            self._slots[name], self._configs[name] = slot, config
+            # a reused slot starts with zero moments, step 0; fp16 gets a fresh loss scale
+            self._train[name] = AdapterTrainState(scaler=LossScaler() if self.needs_loss_scaling else None)
+            self._reset_slot(slot, config, set(paths))
+        except BaseException:
+            for d in (self._slots, self._configs, self._train):
+                d.pop(name, None)
+            self.bank.slots[slot] = None
+            self._reset_slot(slot, None, set())
+            raise
         return slot
 
     def remove_adapter(self, name: str) -> None:
@@ -169,9 +179,20 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        if input_ids.dtype == torch.bool or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+            raise ValueError(f"input_ids must hold integer token ids, got a {input_ids.dtype} tensor")
         batch, seq = input_ids.shape
+        if batch == 0 or seq == 0:
+            raise ValueError(f"input_ids is empty (shape {(batch, seq)}): forward needs at least one row and position")
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        vocab = self.vocab_sizes()[0]
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids token ids must be in [0, {vocab}), got {lo if lo < 0 else hi}")
         if adapters is None:
             adapters = [None] * batch
+        if isinstance(adapters, (str, bytes)):
+            raise ValueError(f"adapters must be a list with one adapter name (or None) per row, got the string "
+                             f"{adapters!r}")
         if len(adapters) != batch:
             raise ValueError(f"got {len(adapters)} adapter names for a batch of {batch} rows")
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, seq):
@@ -328,7 +349,11 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         self._validate(name, w.config)
         self._check_weights(name, w)
         slot = self.add_adapter(name, w.config)
-        self.set_adapter_weights(name, w)
+        try:
+            self.set_adapter_weights(name, w)
+        except BaseException:  # nothing half-loaded stays
+            self.remove_adapter(name)
+            raise
         return slot
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> int:

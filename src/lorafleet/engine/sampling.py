@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from ..types import Example
+from .training import check_token_ids
 
 
 @dataclass
@@ -31,14 +34,23 @@ class SamplingParams:
     stop_on_eos: bool = True  # the model config's eos_token_id(s) also stop a row
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):  # nan passes every comparison: refused by name
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"SamplingParams.{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop, (str, int)):
+            raise ValueError(f"SamplingParams.stop must be a list of stop strings / token ids, got {self.stop!r} "
+                             f"(write [{self.stop!r}])")
         for s in self.stop or []:
             if not isinstance(s, (str, int)) or isinstance(s, bool) or s == "":
                 raise ValueError(f"SamplingParams.stop entries must be non-empty strings or token ids, got {s!r}")
@@ -53,7 +65,7 @@ class SampleRequest:
     def __post_init__(self):
         if not self.prompt_tokens:
             raise ValueError("SampleRequest.prompt_tokens is empty")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+        if not _is_int(self.num_samples) or self.num_samples < 1:
             raise ValueError(f"SampleRequest.num_samples must be >= 1, got {self.num_samples!r}")
 
 
@@ -81,6 +93,9 @@ class SamplingMixin:
 
     def compute_logprobs(self, adapter: str | None, tokens: list[int]) -> list[float | None]:
         """Logprob of every token given the ones before it; None at position 0."""
+        check_token_ids(tokens, self.vocab_sizes()[0], "compute_logprobs:")
+        if adapter is not None:
+            self.slot_of(adapter)
         if len(tokens) < 2:
             return [None] * len(tokens)
         res = self.forward_backward([Example(adapter, list(tokens[:-1]), list(tokens[1:]))], forward_only=True)
@@ -89,16 +104,19 @@ class SamplingMixin:
     @torch.no_grad()
     def sample(self, requests: list[SampleRequest], params: SamplingParams | None = None) -> list[list[SampledSequence]]:
         """``num_samples`` sequences per request, all requests in shared decode batches."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a lorafleet.SamplingParams, got {type(params).__name__}")
+        if isinstance(requests, SampleRequest):
+            raise ValueError("sample takes a list of SampleRequests, got one (write [request])")
         if not requests:
             return []
         self._stops(params)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        vocab = self.vocab_sizes()[0]
         for i, r in enumerate(requests):  # every request is checked before any work (or collective)
             if not isinstance(r, SampleRequest):
                 raise ValueError(f"request {i} is a {type(r).__name__}, not a lorafleet.SampleRequest")
-            if min(r.prompt_tokens) < 0 or max(r.prompt_tokens) >= vocab:
-                raise ValueError(f"request {i}: prompt token ids must be in [0, {vocab})")
+            check_token_ids(r.prompt_tokens, vocab, f"request {i}: prompt")
             if r.adapter is not None:
                 self.slot_of(r.adapter)
         if self.comm is not None:  # distributed: this rank samples its share, results are gathered
@@ -192,6 +210,10 @@ def _cache_keyword(model_cls) -> str:
     """The forward's KV-cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``
     (the old name warns on every decode step and goes away in 5.40); 5.17 knows only the old one."""
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _row_seed(seed, request: int, sample: int) -> int:

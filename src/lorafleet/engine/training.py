@@ -12,6 +12,8 @@ by its `LossScaler` before backward and unscales when moving the gradient.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +21,7 @@ import torch
 from ..types import Example
 from .logprobs import token_logprobs
 from .losses import NEEDS, dpo, example_loss, resolve_config
-from .optim import AdamState, LossScaler, OptimConfig, adamw_step, all_finite, grad_norm
+from .optim import AdamState, LossScaler, OptimConfig, adamw_step, grad_norm
 
 
 @dataclass
@@ -51,6 +53,7 @@ class TrainingMixin:
         self.slot_of(name)
         if not isinstance(config, OptimConfig):
             raise ValueError(f"set_optimizer needs a lorafleet.OptimConfig, got {type(config).__name__}")
+        config.validate()  # its fields may have been assigned since construction (nan weight_decay, ...)
         self._train[name].optim = config
 
     def train_state(self, name: str) -> AdapterTrainState:
@@ -123,13 +126,19 @@ class TrainingMixin:
     def optim_step(self, adapters: list[str] | None = None) -> dict[str, dict]:
         """AdamW-step each named adapter (default: every adapter with pending gradients) with its
         own config, schedule and clipping; then clear its gradients. Returns per-adapter metrics
-        (lr, grad_norm before clipping, step). An adapter with a loss scaler (fp16) also reports
-        ``loss_scale`` (for its next forward_backward) and ``skipped``: a gradient with an inf/nan
-        skips that adapter's step (weights, moments and step count untouched) and lowers its
-        scale; the other adapters step as usual."""
+        (lr, grad_norm before clipping, step, skipped). In every dtype, a gradient holding an
+        inf/nan (its global norm is not finite) skips that adapter's step: weights, moments and
+        step count untouched, ``skipped`` True, the gradient dropped; the other adapters step as
+        usual. An adapter with a loss scaler (fp16) also lowers its scale on a skip and reports
+        ``loss_scale`` (for its next forward_backward)."""
+        if isinstance(adapters, (str, bytes)):
+            raise ValueError(f"optim_step takes a list of adapter names, got the string {adapters!r} "
+                             f"(write [{adapters!r}])")
         names = self.pending_adapters() if adapters is None else list(adapters)
         for n in names:
             self.slot_of(n)  # every name is checked before any adapter steps
+        if len(set(names)) != len(names):
+            raise ValueError(f"optim_step: adapter {next(n for n in names if names.count(n) > 1)!r} is named twice")
         out = {}
         all_views = {n: self.adapter_views(n) for n in names}
         all_grads = {n: self.adapter_grads(n, all_views[n]) for n in names}
@@ -140,18 +149,21 @@ class TrainingMixin:
             views, grads = all_views[n], all_grads[n]
             # an adapter's norm spans its shards on other ranks (None: the local grad_norm)
             norm = self.comm.grad_norm(n) if self.comm is not None else None
+            if norm is None:
+                norm = grad_norm(grads)
+            # an inf/nan anywhere in the gradient makes its norm inf/nan; under comm the norm is
+            # computed after the reduction, over every shard, so all ranks take the same decision
+            finite = math.isfinite(norm)
             scaler = st.scaler
-            finite = True
             if scaler is not None:
-                finite = all_finite(grads)
                 scaler.update(finite)
             if finite:
                 out[n] = adamw_step([(k, p[idx]) for k, p, idx in views], grads, st.adam, st.optim, norm=norm)
             else:
-                out[n] = {"lr": st.optim.lr_at(st.adam.step), "grad_norm": grad_norm(grads) if norm is None else norm,
-                          "step": st.adam.step}
+                out[n] = {"lr": st.optim.lr_at(st.adam.step), "grad_norm": norm, "step": st.adam.step}
+            out[n]["skipped"] = not finite
             if scaler is not None:
-                out[n].update(loss_scale=scaler.scale, skipped=not finite)
+                out[n]["loss_scale"] = scaler.scale
             self.zero_grad(n)
         return out
 
@@ -216,9 +228,20 @@ class TrainingMixin:
     def lora_device(self) -> torch.device:
         return next(self.lora_parameters()).device
 
+    def vocab_sizes(self) -> tuple[int, int]:
+        """(rows of the input embedding, rows of the LM head): input ids must be below the first,
+        target ids below the second."""
+        return (self.model.get_input_embeddings().weight.shape[0],
+                self.model.get_output_embeddings().weight.shape[0])
+
     def _check_examples(self, examples, loss_fn, forward_only):
+        """Everything a batch could get wrong, checked before any work (or collective): an empty
+        batch, types, adapter names, token ids (integers in range), and finite loss arrays."""
+        if isinstance(examples, Example):
+            raise ValueError("forward_backward takes a list of Examples, got one Example (write [example])")
         if not examples:
-            raise ValueError("forward_backward needs at least one example")
+            raise ValueError("forward_backward needs at least one example (got an empty batch)")
+        vocab_in, vocab_out = self.vocab_sizes()
         for i, e in enumerate(examples):
             if not isinstance(e, Example):
                 raise ValueError(f"example {i} is a {type(e).__name__}, not a lorafleet.Example")
@@ -226,9 +249,14 @@ class TrainingMixin:
                 raise ValueError(f"example {i} has adapter=None (base model): only forward_only can use it")
             if e.adapter is not None:
                 self.slot_of(e.adapter)
+            check_token_ids(e.input_tokens, vocab_in, f"example {i}: input")
+            check_token_ids(e.target_tokens, vocab_out, f"example {i}: target")
             for arr in NEEDS[loss_fn]:
                 if getattr(e, arr) is None:
                     raise ValueError(f"example {i}: loss_fn {loss_fn!r} needs {arr!r}")
+            for arr in ("weights", "logprobs", "advantages"):
+                if getattr(e, arr) is not None:
+                    _check_finite(getattr(e, arr), f"example {i}: {arr}")
         if loss_fn == "dpo":
             if len(examples) % 2:
                 raise ValueError("dpo needs (chosen, rejected) pairs: an even number of examples")
@@ -275,3 +303,37 @@ class TrainingMixin:
             if not forward_only:
                 self._train[e.adapter].pending = True
         return metrics
+
+
+def check_token_ids(ids, vocab: int, what: str) -> None:
+    """ValueError unless every id is an integer (not a bool; a float 5.7 is refused, never
+    truncated to 5) in [0, vocab). ``what`` starts the message: "{what} token ids must be ..."."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"{what} token ids must be integers, got a {ids.dtype} tensor")
+        ids = ids.flatten().tolist()
+    elif isinstance(ids, (str, bytes)):
+        raise ValueError(f"{what} token ids must be a list of integers, got the string {ids!r}")
+    for tp in set(map(type, ids)):
+        if tp is bool or not issubclass(tp, numbers.Integral):
+            bad = next(t for t in ids if type(t) is tp)
+            raise ValueError(f"{what} token ids must be integers, got {bad!r} ({tp.__name__})")
+    if ids and (min(ids) < 0 or max(ids) >= vocab):
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise ValueError(f"{what} token ids must be in [0, {vocab}), got {bad}")
+
+
+def _check_finite(values, what: str) -> None:
+    """ValueError naming the first value that is not a finite number (nan, inf, a string)."""
+    try:
+        if all(map(math.isfinite, values)):
+            return
+    except (TypeError, ValueError):
+        pass
+    for j, v in enumerate(values):
+        try:
+            ok = not isinstance(v, (str, bytes)) and math.isfinite(v)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{what}[{j}] is {v!r}: every value must be a finite number")
