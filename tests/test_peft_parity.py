@@ -106,13 +106,25 @@ def fleet_run(base, adapter_dir, ids, proj, checkpointing=False, max_rank=16):
     return fleet, logits.detach()
 
 
-def check_export(fleet, base, ref_logits, ids, tmp_path):
+def check_export(fleet, base, ref_logits, ids, tmp_path, same_config_as=None, same_shapes_as=None):
+    """Export, load with PEFT, compare logits. ``same_config_as``: a PEFT directory whose r,
+    lora_alpha, rank_pattern and alpha_pattern the export must reproduce; ``same_shapes_as``
+    (implied by it): one whose tensor names and shapes it must reproduce (zero padding cut again)."""
     out = tmp_path / "export"
     fleet.save_adapter("x", out, format="peft")
     pm = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
     with torch.no_grad():
         err = rel(pm(input_ids=ids).logits, ref_logits)
     assert err <= TOL, err
+    if same_config_as is not None:
+        fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+        want = json.loads((Path(same_config_as) / "adapter_config.json").read_text())
+        got = json.loads((out / "adapter_config.json").read_text())
+        assert {f: got[f] for f in fields} == {f: want[f] for f in fields}
+    if same_shapes_as or same_config_as:
+        def shapes(d):
+            return {k: tuple(t.shape) for k, t in load_file(str(Path(d) / "adapter_model.safetensors")).items()}
+        assert shapes(out) == shapes(same_shapes_as or same_config_as)
     return err
 
 
@@ -202,7 +214,7 @@ def test_moe_recipe_loads_exactly(arch, checkpointing, tmp_path):
     err = rel(logits, ref)
     assert err <= TOL, err
     check_grads(fleet, d, grads, tmp_path)
-    check_export(fleet, base, ref, ids, tmp_path)
+    check_export(fleet, base, ref, ids, tmp_path, same_config_as=d)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
@@ -239,7 +251,7 @@ def test_rank_and_alpha_pattern_equal_scale_is_exact(tmp_path):
     assert (fleet.adapters["x"].rank, fleet.adapters["x"].alpha) == (8, 16.0)
     assert rel(logits, ref) <= TOL
     check_grads(fleet, d, grads, tmp_path)
-    check_export(fleet, base, ref, ids, tmp_path)
+    check_export(fleet, base, ref, ids, tmp_path, same_shapes_as=d)
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -284,7 +296,7 @@ def test_eva_adapter_loads_exactly(tmp_path):
     fleet, logits = fleet_run(base, tmp_path / "eva", ids, proj)
     assert rel(logits, ref) <= TOL
     check_grads(fleet, tmp_path / "eva", grads, tmp_path)
-    check_export(fleet, base, ref, ids, tmp_path)
+    check_export(fleet, base, ref, ids, tmp_path, same_shapes_as=tmp_path / "eva")
 
 
 # ----------------------------------------------------------------------------- 5. layer-restricted targets
@@ -364,3 +376,36 @@ def test_lm_head_lora_is_refused_by_the_fleet(tmp_path):
     fleet = lf.Fleet(base_model("llama"), max_adapters=2, max_rank=8)
     with pytest.raises(ValueError, match="lm_head.*not supported"):
         fleet.load_adapter("x", d)
+
+
+def test_export_cuts_zero_rank_tails_per_module(tmp_path):
+    """Export writes each module at the rank it uses: a module name whose modules share one rank
+    gets one `.*\\.<name>` entry, a name shared with other ranks (dense shared_expert.down_proj next
+    to the experts' down_proj) per-module entries; PEFT reproduces the fleet."""
+    base = base_model("qwen2_moe")
+    fleet = lf.Fleet(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    fleet.add_adapter("x", lf.AdapterConfig(rank=4, alpha=8, target_modules=["o_proj", "down_proj"], experts=True))
+    g = torch.Generator().manual_seed(0)
+    w = fleet.get_adapter_weights("x")
+    for key, t in w.tensors():
+        t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    cut = "model.layers.0.mlp.shared_expert.down_proj"
+    w.dense[cut][0][2:] = 0
+    w.dense[cut][1][:, 2:] = 0
+    for p, (a, b) in w.dense.items():
+        if p.endswith("o_proj"):
+            a[3:] = 0
+            b[:, 3:] = 0
+    fleet.set_adapter_weights("x", w)
+    ids, _ = inputs()
+    with torch.no_grad():
+        ref = fleet.forward(ids, adapters=["x"] * B).logits
+    check_export(fleet, base, ref, ids, tmp_path)
+    cfg = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["rank_pattern"] == {r".*\.o_proj": 3, r"model\.layers\.0\.mlp\.shared_expert\.down_proj": 2}
+    assert cfg["alpha_pattern"] == {r".*\.o_proj": 6, r"model\.layers\.0\.mlp\.shared_expert\.down_proj": 4}
+    back = load_adapter_dir(tmp_path / "export", experts_arch=fleet.experts_arch(), model_type="qwen2_moe")
+    assert back.config.rank == 4 and back.config.scale == 2.0
+    for key, t in back.tensors():
+        assert torch.equal(t, dict(w.tensors())[key]), key

@@ -23,6 +23,7 @@ whose A/B roles are swapped for HF-v5 weights) and refuses what it cannot repres
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -77,10 +78,14 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
                 f"format 'sglang': experts {bad[0]!r} have interleaved gate/up rows (GPT-OSS); "
                 "SGLang's layout for them is unverified, export with format 'peft' or 'vllm'"
             )
+    # PEFT: each module at the rank it uses (zero-padded tails of an imported rank_pattern adapter
+    # are cut again), rank_pattern / alpha_pattern keeping every scale; other formats: one rank
+    used = _used_ranks(weights) if format == "peft" else {}
     tensors: dict[str, torch.Tensor] = {}
     for p, (a, b) in weights.dense.items():
-        tensors[f"{PREFIX}{p}.lora_A.weight"] = a.detach().cpu().contiguous().clone()
-        tensors[f"{PREFIX}{p}.lora_B.weight"] = b.detach().cpu().contiguous().clone()
+        k = used.get(p, r)
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = a[:k].detach().cpu().contiguous().clone()
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = b[:, :k].detach().cpu().contiguous().clone()
     target_modules = {p.rsplit(".", 1)[-1] for p in weights.dense}
     target_parameters: set[str] = set()
     projs_used = [pr for pr in PROJS if any(pr in d for d in weights.experts.values())]
@@ -94,7 +99,9 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
                 target_parameters.add(f"{suffix}.{PARAM_OF_PROJ[proj]}")
                 if proj in projs:  # gate_up registered first -> wrapped first -> inner (.base_layer)
                     stem = PREFIX + p + ".base_layer" * (len(projs_used) - 1 - i)
-                    tensors.update(peft_write(stem, *projs[proj], arch.num_experts))
+                    k = used.get(f"{p}.{PARAM_OF_PROJ[proj]}", r)
+                    a, b = projs[proj]
+                    tensors.update(peft_write(stem, a[:, :k], b[:, :, :k], arch.num_experts))
         elif format == "vllm":
             names = MIXTRAL_NAMES if mixtral else VLLM_NAMES
             q = re.sub(r"\.mlp\.experts$", ".block_sparse_moe.experts", p) if mixtral else p
@@ -112,11 +119,12 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
             stacklevel=2,
         )
     alpha = cfg.alpha
+    r_file, alpha, rank_pattern, alpha_pattern = _rank_patterns(used, r, alpha, cfg.use_rslora)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "r": r_file,
+        "lora_alpha": _number(alpha),
         "target_modules": sorted(target_modules),
         "use_rslora": bool(cfg.use_rslora),
         "bias": "none",
@@ -126,8 +134,8 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
         "use_dora": False,
         "lora_bias": False,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "inference_mode": True,
         "base_model_name_or_path": weights.base_model_name_or_path or None,
         "peft_version": _peft_version(),
@@ -137,6 +145,57 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
     meta = {"format": format, "expert_sharing": cfg.expert_sharing, "model_type": weights.model_type,
             "rank": r, "lorafleet_version": LORAFLEET_VERSION}
     _write_dir(Path(path), tensors, adapter_config, meta)
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _used_ranks(weights: AdapterWeights) -> dict[str, int]:
+    """PEFT module key (dense path, or ``<experts path>.<param>``) -> the rank it uses: one past its
+    last rank component with a non-zero A row or B column (at least 1). Cutting the all-zero tail
+    is exact, and in training too (a zero A row / B column pair has zero gradients)."""
+    def used(a, b, dim_a, dim_b):
+        nz = a.ne(0).movedim(dim_a, 0).flatten(1).any(1) | b.ne(0).movedim(dim_b, 0).flatten(1).any(1)
+        idx = nz.nonzero()
+        return int(idx[-1]) + 1 if idx.numel() else 1
+
+    out = {p: used(a, b, 0, 1) for p, (a, b) in weights.dense.items()}
+    for p, projs in weights.experts.items():
+        for proj, (a, b) in projs.items():
+            out[f"{p}.{PARAM_OF_PROJ[proj]}"] = used(a, b, 1, 2)
+    return out
+
+
+def _rank_patterns(used: dict[str, int], r: int, alpha: float, rslora: bool):
+    """(r, lora_alpha, rank_pattern, alpha_pattern) for PEFT that give each module ``used[key]``
+    and the adapter's one scale. The most common rank is ``r``; a module name (last key part) whose
+    modules all share another rank gets one ``.*\\.<name>`` entry (as PEFT writes them), else each
+    such module its own escaped full key. Without cut ranks: ``r`` and ``alpha`` as they are."""
+    if not used or all(k == r for k in used.values()):
+        return r, alpha, {}, {}
+    counts: dict[int, int] = {}
+    for k in used.values():
+        counts[k] = counts.get(k, 0) + 1
+    r_def = max(counts, key=lambda k: (counts[k], k))
+
+    def alpha_at(k):  # same scale as alpha / r (rsLoRA: alpha / sqrt(r)) at rank k
+        return _number(alpha * (math.sqrt(k / r) if rslora else k / r))
+
+    rank_pattern: dict[str, int] = {}
+    groups: dict[str, list[str]] = {}
+    for key in used:
+        groups.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    for name, keys in sorted(groups.items()):
+        ranks = {used[k] for k in keys}
+        if ranks == {r_def}:
+            continue
+        if len(ranks) == 1:
+            rank_pattern[rf".*\.{re.escape(name)}"] = used[keys[0]]
+        else:
+            rank_pattern.update({re.escape(k): used[k] for k in sorted(keys) if used[k] != r_def})
+    alpha_pattern = {pat: alpha_at(k) for pat, k in rank_pattern.items()}
+    return r_def, alpha_at(r_def), rank_pattern, alpha_pattern
 
 
 def _check_weights(weights: AdapterWeights) -> dict[str, ExpertsArch]:
