@@ -2,6 +2,7 @@
 each rank holds, by expert-sharing mode.
 
     .venv/bin/python bench/bench_expert_parallel.py            # tables at the Qwen3-30B-A3B shape
+                                                               #   (+ the bank measured on a small fleet)
     .venv/bin/python bench/bench_expert_parallel.py --measure  # + a 2-rank gloo run checking the
                                                                #   payload model against real splits
 
@@ -110,17 +111,53 @@ def comm_table(slots=16, rank=16, tokens=4096, micro_batches=4, world=8):
     print("  (no EP also needs the whole bank on every rank: the memory table below, ep=1)\n")
 
 
+# a scaled-down Qwen3-MoE (the 30B's hidden:inter ratio, 16 experts) whose fleet is really built
+SMALL = dict(layers=2, experts=16, top_k=4, hidden=128, inter=48)
+
+
+def measured_slot_bytes(shape, rank, mode, ep) -> int:
+    """One slot's expert bank on EP rank 0, as `MultiLoRAExperts` really allocates it: a fleet on a
+    debug Qwen3-MoE of ``shape`` with one adapter of ``mode``, every MoE layer narrowed to rank 0's
+    ``E / ep`` experts with the same module call `apply_expert_parallel` makes (no process group)."""
+    import torch
+
+    import lorafleet as lf
+    from lorafleet.models.debug import build_debug_model
+
+    model = build_debug_model("qwen3_moe", seed=0, dtype=torch.bfloat16, num_hidden_layers=shape["layers"],
+                              num_experts=shape["experts"], num_experts_per_tok=shape["top_k"],
+                              hidden_size=shape["hidden"], moe_intermediate_size=shape["inter"])
+    fleet = lf.Fleet(model, max_adapters=4, max_rank=rank)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=rank, target_modules=["q_proj"], experts=True, expert_sharing=mode))
+    total = 0
+    for m in fleet._att.experts.values():
+        local = m.num_experts // ep
+        m.narrow_experts(0, local, keep_shared_grad=True)
+        m.expert_start, m.num_local_experts = 0, local
+        total += m.bank_bytes()
+    return total
+
+
 def memory_table(rank=16):
     shape = SHAPE
-    print(f"expert-LoRA bank per slot per rank (bf16, rank {rank}, {shape['layers']} layers; fp32 AdamW "
-          "moments and masters add 12 bytes per trained element beside it)")
-    print(f"  {'mode':<13}{'ep':>4}{'today [S,E/ep,R,.]':>22}{'shared stored once':>22}{'dead weight':>13}")
+    print(f"expert-LoRA bank per slot per rank (bf16, rank {rank}; fp32 AdamW moments and masters add 12 "
+          "bytes per trained element beside it)\n  before: the old [S, E/ep, R, .] layout (formula); "
+          "after: the row pools, a shared factor once per slot (30B: formula; small: measured)")
+    print(f"  {'mode':<13}{'ep':>4}{'30B before':>14}{'30B after':>14}{'saved':>8}"
+          f"{'small before':>15}{'small measured':>16}{'saved':>8}")
     for mode in SHARED:
         for ep in (1, 2, 8):
             today = slot_bank_bytes(shape, rank, mode, ep, stored_once=False)
             once = slot_bank_bytes(shape, rank, mode, ep, stored_once=True)
-            print(f"  {mode:<13}{ep:>4}{fmt(today):>22}{fmt(once):>22}{1 - once / today:>12.0%}")
-    print()
+            small_before = slot_bank_bytes(SMALL, rank, mode, ep, stored_once=False)
+            small = measured_slot_bytes(SMALL, rank, mode, ep)
+            # the module's real allocation is the stored-once formula, byte for byte
+            assert small == slot_bank_bytes(SMALL, rank, mode, ep, stored_once=True), (mode, ep, small)
+            print(f"  {mode:<13}{ep:>4}{fmt(today):>14}{fmt(once):>14}{1 - once / today:>7.0%}"
+                  f"{fmt(small_before):>15}{fmt(small):>16}{1 - small / small_before:>7.0%}")
+    print(f"  ('small': a fleet really built on a debug Qwen3-MoE with {SMALL['layers']} layers, "
+          f"{SMALL['experts']} experts, hidden {SMALL['hidden']}, inter {SMALL['inter']}; its bytes equal the "
+          "30B formula's at that shape)\n")
 
 
 def measure():

@@ -21,12 +21,14 @@ __all__ = ["ExpertShard", "apply_expert_parallel", "shard_of"]
 
 
 class ExpertShard:
-    """Placement of one expert-LoRA bank parameter (``gate_up_A [S, E, R, H]`` and the three
-    others) under expert parallelism; set as ``param._lorafleet_shard``.
+    """Placement of one expert-LoRA factor pool (``gate_up_A [rows, R, H]`` and the three
+    others) under expert parallelism; set as ``param._lorafleet_shard``. Sharding is a property
+    of a *view* (a slot's rows, `MultiLoRAExperts.factor_views`), not of the pool: a per-expert
+    slot's rows are this rank's experts, a shared slot's one row is a replica.
 
-    - ``dim``: the sharded dim of the parameter (1, experts); an `adapter_views` view
-      ``param[idx]`` drops the slot dim, so there it is ``dim - 1``. `gather` and `slice` take
-      either shape (parameter, its grad, or a view-shaped grad / AdamW moment / master).
+    - ``dim``: the expert dim of a view with a leading slot dim (``view.unsqueeze(0)``, as
+      `shards.py` hands it over), 1; on the view itself it is 0. `gather` and `slice` take
+      either shape (a view of the factor, its grad, or a view-shaped AdamW moment / master).
     - ``shard_group``: the EP group; rank ``i`` holds experts ``local_range = (start, end)`` of
       ``global_size``.
     - ``replicate_group``: the expert-data-parallel group, ranks holding the same experts for
@@ -35,14 +37,14 @@ class ExpertShard:
 
     **Shared factors** (`is_sharded(idx)` is False: the slot's ``expert_sharing`` shares this
     factor across experts, e.g. gate_up A of a ``shared_a`` slot) are not sharded. The factor
-    lives at local expert 0 on every EP rank, a replica kept identical (same init, same reduced
+    is one pool row on every EP rank, a replica kept identical (same init, same reduced
     gradient, same AdamW step); each rank's gradient there only covers the tokens its own
     experts processed, so it is SUM-reduced over ``shard_group`` *and* ``replicate_group``
     (`reduce_groups`) — the whole expert world, the same ranks a dense factor is reduced over
     when EP is carved out of data parallelism. Its norm counts once (no sum across shards), and
-    it is saved and loaded as is. Why a replica row in the same parameter rather than a
-    separate parameter: one step mixes adapters of every mode, and the grouped LoRA kernel takes
-    one stacked A and one B per projection, addressed by factor row.
+    it is saved and loaded as is. Why a row in the same pool rather than a separate parameter:
+    one step mixes adapters of every mode, and the grouped LoRA kernel takes one stacked A and
+    one B per projection, addressed by factor row.
     """
 
     def __init__(self, module: MultiLoRAExperts, factor: int, shard_group, replicate_group):
@@ -53,10 +55,10 @@ class ExpertShard:
         self.local_range = (module.expert_start, module.expert_start + module.num_local_experts)
 
     def is_sharded(self, idx) -> bool:
-        """Whether ``param[idx]`` (an `adapter_views` index; its first entry is the slot) is this
-        rank's shard, or a replica of a shared factor."""
-        info = self.module.bank.slots[idx[0]]
-        return info is None or not SHARED_FACTORS[info.expert_sharing][self.factor]
+        """Whether ``param[idx]`` (an `adapter_views` index; its first entry is the slot's row
+        range) is this rank's shard, or a replica of a shared factor."""
+        owner = self.module.row_owner(self.factor, idx[0].start)
+        return owner is None or not owner[1]
 
     def reduce_groups(self, idx) -> list:
         """Groups to SUM the gradient of ``param[idx]`` over, in order (None dropped)."""
@@ -65,7 +67,7 @@ class ExpertShard:
 
     def _dim(self, t: torch.Tensor) -> int:
         if t.dim() not in (self.ndim, self.ndim - 1):
-            raise ValueError(f"expected a {self.ndim}-d parameter or a {self.ndim - 1}-d view, got {tuple(t.shape)}")
+            raise ValueError(f"expected a {self.ndim - 1}-d view or one with a slot dim, got {tuple(t.shape)}")
         return self.dim if t.dim() == self.ndim else self.dim - 1
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -115,31 +117,14 @@ def apply_expert_parallel(fleet, ep_group, expert_dp_group=None) -> None:
         local = m.num_experts // ep
         start = rank * local
         _narrow_base(m, start, local)
-        for i, (_, name) in enumerate(FACTORS):
-            p = getattr(m, name)
-            shared = _shared_slots(m, i)
-            p.data = _narrow(p.data, start, local, shared, keep_shared=True)
-            if p.grad is not None:  # a pending shared gradient is counted once, on EP rank 0
-                p.grad = _narrow(p.grad, start, local, shared, keep_shared=rank == 0)
+        # per-expert slots keep their local rows, shared factors their one row (a replica); a
+        # pending shared gradient is counted once, on EP rank 0
+        m.narrow_experts(start, local, keep_shared_grad=rank == 0)
         m.expert_start, m.num_local_experts = start, local
         for i, (_, name) in enumerate(FACTORS):
             getattr(m, name)._lorafleet_shard = ExpertShard(m, i, ep_group, replicate)
         m.token_dispatcher = ExpertAllToAll(ep_group)
     _narrow_train_state(fleet, rank)
-
-
-def _shared_slots(m: MultiLoRAExperts, factor: int) -> list[int]:
-    return [s for s, info in enumerate(m.bank.slots)
-            if info is not None and m.enabled[s] and SHARED_FACTORS[info.expert_sharing][factor]]
-
-
-def _narrow(t: torch.Tensor, start: int, n: int, shared_slots: list[int], keep_shared: bool) -> torch.Tensor:
-    """``t[:, start:start + n]`` as its own storage (the full bank is freed, not viewed), with
-    each shared slot's factor (global expert 0) moved to local expert 0."""
-    out = t[:, start:start + n].clone()
-    for s in shared_slots:
-        out[s, 0] = t[s, 0] if keep_shared else 0
-    return out
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ shape (the whole factor) and this rank's shard.
 Expert parallelism tags each sharded bank parameter with ``param._lorafleet_shard`` (see
 `expert_parallel.py`): ``dim``, ``shard_group``, ``replicate_group``, ``global_size``,
 ``local_range``, ``gather(t)`` and ``slice(full)``. Sharding is a property of a *view*, not of
-the parameter: a factor shared by a slot's experts lives at local expert 0 of a sharded
-``[S, E_local, ...]`` parameter on every rank, so it is a replica (its gradient is summed over
-every rank, like a dense factor's) and is never gathered.
+the parameter: a factor shared by a slot's experts is one row of the sharded row pool on every
+rank, so it is a replica (its gradient is summed over every rank, like a dense factor's) and is
+never gathered.
 """
 
 from __future__ import annotations

@@ -156,11 +156,13 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         gen = torch.Generator().manual_seed(config.seed) if config is not None else None
         r = config.rank if config is not None else 0
         use_experts = config is not None and bool(self.expert_paths(config))
-        for m in self._att.lora_modules():
+        for m in self._att.linears.values():
             for p in m.parameters(recurse=False):
                 p[slot].zero_()
                 if p.grad is not None:
                     p.grad[slot].zero_()
+        for m in self._att.experts.values():
+            m.release_slot(slot)  # expert factors live in row pools (rows taken in init_slot)
         for path, m in self._att.linears.items():
             m.enabled[slot] = path in paths
             if path in paths:

@@ -3,17 +3,26 @@ plus per-(slot, expert) LoRA, computed on the routed tokens — never a material
 
 Every (token, k) pair is keyed ``expert * (S + 1) + (slot + 1)`` and sorted once per layer, so
 one permutation serves both the frozen grouped GEMM (runs of one expert) and the LoRA (runs of
-one (expert, slot) "virtual expert" inside them). Factor storage per projection is
-``A[S, E, R, in]`` / ``B[S, E, out, R]``; a factor shared by a slot's experts lives at (local)
-expert 0.
+one (expert, slot) "virtual expert" inside them).
+
+Factor storage per projection is a row pool: ``A [rows, R, in]`` / ``B [rows, out, R]``, one
+per factor (gate_up A, gate_up B, down A, down B), and a per-slot row table. A slot whose
+adapter has that factor per expert owns ``num_local_experts`` consecutive rows; a slot that
+shares it across experts (`SHARED_FACTORS`) owns one row; a slot without expert LoRA owns none.
+So a shared factor is stored once per slot, not once per expert. Rows are taken when a slot is
+set up (`init_slot` / `assign_slot`, from `Fleet.add_adapter`) and freed on removal
+(`release_slot`); later slots reuse free rows first, and a pool grows only then — one
+reallocation that packs the live rows, never during a forward. The grouped LoRA kernel takes the
+stacked pool and a row index per segment (`factor_index`), so the layout is only an index.
 
 The forward is three steps — `pair_slots` (each pair's LoRA slot), `plan` (sort pairs, group
 offsets, LoRA segments) and `grouped_products` (the expert MLP over sorted pairs) — so expert
 parallelism (``lorafleet.distributed.expert_parallel``) can run the same plan and products on
 the pairs an all-to-all brought to this rank (it installs a ``token_dispatcher``). It narrows
 the module to experts ``[expert_start, expert_start + num_local_experts)`` of ``num_experts``;
-`factor_index`, `factor_views` and `init_slot` speak in those local experts, and a shared factor
-then lives at local expert 0 on every rank (a replica).
+`factor_index`, `factor_views` and `init_slot` speak in those local experts (`narrow_experts`
+keeps each per-expert slot's local rows), and a shared factor's row is then a replica on every
+rank.
 """
 
 from __future__ import annotations
@@ -61,42 +70,152 @@ class MultiLoRAExperts(nn.Module):
         # set by expert parallelism: callable(self, hidden, top_k_index, top_k_weights) that moves
         # pairs to their experts' ranks and back around `plan` + `grouped_products`
         self.token_dispatcher = None
-        S, R = bank.max_adapters, bank.max_rank
+        R = bank.max_rank
         dtype = dtype or up_w.dtype
         dev = up_w.device
         z = lambda *shape: nn.Parameter(torch.zeros(*shape, dtype=dtype, device=dev))  # noqa: E731
-        self.gate_up_A = z(S, E, R, H)
-        self.gate_up_B = z(S, E, up_out, R)
-        self.down_A = z(S, E, R, inter)
-        self.down_B = z(S, E, H, R)
-        self.enabled = [False] * S
+        # row pools (see the module docstring): empty until a slot takes rows
+        self.gate_up_A = z(0, R, H)
+        self.gate_up_B = z(0, up_out, R)
+        self.down_A = z(0, R, inter)
+        self.down_B = z(0, H, R)
+        # per factor (FACTORS order): slot -> (first row, rows, shared)
+        self._rows: list[dict[int, tuple[int, int, bool]]] = [{} for _ in FACTORS]
+        self.enabled = [False] * bank.max_adapters
 
     # ------------------------------------------------------------ slot layout
-    def factor_index(self, slot: int, expert: int, shared: bool) -> int:
-        """Row of ``factor.view(S * E_local, ...)`` holding (slot, local expert)'s factor."""
-        return slot * self.num_local_experts + (0 if shared else expert)
+    def _factor_param(self, factor: int) -> nn.Parameter:
+        return getattr(self, FACTORS[factor][1])
+
+    def slot_rows(self, factor: int, slot: int) -> tuple[int, int, bool] | None:
+        """(first row, rows, shared) of ``slot``'s factor in its pool, None if it holds none."""
+        return self._rows[factor].get(slot)
+
+    def slot_part(self, name: str, t: torch.Tensor, slot: int) -> torch.Tensor:
+        """``slot``'s rows of pool ``name`` (e.g. "gate_up_A") in ``t`` (the pool or its grad):
+        ``[experts or 1, ...]``, empty when the slot holds no rows."""
+        factor = [n for _, n in FACTORS].index(name)
+        rows = self._rows[factor].get(slot)
+        return t[0:0] if rows is None else t[rows[0]:rows[0] + rows[1]]
+
+    def row_owner(self, factor: int, row: int) -> tuple[int, bool] | None:
+        """(slot, shared) owning ``row`` of a factor's pool, None for a free row."""
+        for s, (r0, n, shared) in self._rows[factor].items():
+            if r0 <= row < r0 + n:
+                return s, shared
+        return None
+
+    def bank_bytes(self) -> int:
+        """Bytes the four factor pools allocate (their gradients, when present, as many again)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters(recurse=False))
+
+    def factor_index(self, slot: int, expert: int, factor: int) -> int:
+        """Row of factor ``factor``'s pool (FACTORS order) holding (slot, local expert)'s factor."""
+        rows = self._rows[factor].get(slot)
+        if rows is None:
+            raise ValueError(f"{self.path}: slot {slot} has expert LoRA enabled but holds no {FACTORS[factor][1]} rows")
+        r0, _, shared = rows
+        return r0 + (0 if shared else expert)
 
     def factor_views(self, slot: int, rank: int, sharing: str) -> list[tuple[str, nn.Parameter, tuple]]:
         """(key suffix, parameter, index) of a slot's four factors: ``param[index]`` is the
-        rank-sliced factor, expert dim 1 for a shared one, else this module's local experts."""
+        rank-sliced factor, ``[1, ...]`` for a shared one, else ``[local experts, ...]``."""
         views = []
-        for (key, name), shared in zip(FACTORS, SHARED_FACTORS[sharing]):
-            n = slice(0, 1 if shared else self.num_local_experts)
-            idx = (slot, n, slice(0, rank)) if key.endswith("A") else (slot, n, slice(None), slice(0, rank))
+        for i, ((key, name), shared) in enumerate(zip(FACTORS, SHARED_FACTORS[sharing])):
+            r0, n, held = self._rows[i][slot]
+            if held != shared:
+                raise ValueError(f"{self.path}: slot {slot} holds {FACTORS[i][1]} as "
+                                 f"{'shared' if held else 'per-expert'}, not as {sharing!r} says")
+            rows = slice(r0, r0 + n)
+            idx = (rows, slice(0, rank)) if key.endswith("A") else (rows, slice(None), slice(0, rank))
             views.append((key, getattr(self, name), idx))
         return views
 
     @torch.no_grad()
+    def assign_slot(self, slot: int, sharing: str) -> None:
+        """Give ``slot`` its rows in each pool (zero): ``num_local_experts`` rows for a per-expert
+        factor, 1 for a shared one. Free rows are reused first (first fit); a pool without room
+        grows (one reallocation, live rows packed in slot order, gradients moved alike)."""
+        if any(slot in rows for rows in self._rows):
+            raise ValueError(f"{self.path}: slot {slot} already holds rows")
+        for i, shared in enumerate(SHARED_FACTORS[sharing]):
+            n = 1 if shared else self.num_local_experts
+            start = self._free_run(i, n)
+            if start is None:
+                start = self._repack(i, extra=n)
+            self._rows[i][slot] = (start, n, shared)
+
+    @torch.no_grad()
+    def release_slot(self, slot: int) -> None:
+        """Zero ``slot``'s rows (values and gradients) and free them for later slots."""
+        for i in range(len(FACTORS)):
+            rows = self._rows[i].pop(slot, None)
+            if rows is None:
+                continue
+            p = self._factor_param(i)
+            p[rows[0]:rows[0] + rows[1]].zero_()
+            if p.grad is not None:
+                p.grad[rows[0]:rows[0] + rows[1]].zero_()
+
+    def _free_run(self, factor: int, n: int) -> int | None:
+        """First row of the first run of ``n`` free rows in the pool, None if there is none."""
+        pos = 0
+        for r0, k, _ in sorted(self._rows[factor].values()):
+            if r0 - pos >= n:
+                return pos
+            pos = max(pos, r0 + k)
+        return pos if self._factor_param(factor).shape[0] - pos >= n else None
+
+    def _repack(self, factor: int, extra: int = 0, keep=None) -> int:
+        """Reallocate a pool to its live rows (slot order) plus ``extra`` free rows at the end;
+        returns the first free row. ``keep(slot, rows, shared)`` -> (source row, rows, shared,
+        keep grad) chooses what each slot keeps (expert parallelism's narrowing). The parameter
+        object stays (``.data`` is replaced): tags, FSDP's ignored set and any reference remain."""
+        p = self._factor_param(factor)
+        plan, size = [], 0
+        for s in sorted(self._rows[factor]):
+            r0, n, shared = self._rows[factor][s]
+            src, n, shared, grad = keep(s, r0, n, shared) if keep is not None else (r0, n, shared, True)
+            plan.append((s, src, n, shared, grad, size))
+            size += n
+        data = p.data.new_zeros((size + extra, *p.shape[1:]))
+        grad = None if p.grad is None else p.grad.new_zeros(data.shape)
+        for s, src, n, shared, keep_grad, dst in plan:
+            data[dst:dst + n] = p.data[src:src + n]
+            if grad is not None and keep_grad:
+                grad[dst:dst + n] = p.grad[src:src + n]
+            self._rows[factor][s] = (dst, n, shared)
+        p.data = data
+        if grad is not None:
+            p.grad = grad
+        return size
+
+    @torch.no_grad()
+    def narrow_experts(self, start: int, n: int, keep_shared_grad: bool) -> None:
+        """Keep experts ``[start, start + n)`` of the held ones in every pool (expert
+        parallelism): a per-expert slot keeps those ``n`` rows, a shared factor its one row (a
+        replica; its pending gradient only where ``keep_shared_grad``)."""
+        def keep(s, r0, k, shared):
+            return (r0, 1, True, keep_shared_grad) if shared else (r0 + start, n, False, True)
+
+        for i in range(len(FACTORS)):
+            self._repack(i, keep=keep)
+
+    @torch.no_grad()
     def init_slot(self, slot: int, rank: int, sharing: str, gen: torch.Generator) -> None:
-        """Draw the slot's A factors from ``gen`` (gate_up, then down; B stays zero). The draw
-        covers every expert, so a narrowed module keeps its experts' part of the same init."""
-        g_a, _, d_a, _ = SHARED_FACTORS[sharing]
-        for A, shared in ((self.gate_up_A, g_a), (self.down_A, d_a)):
-            n = 1 if shared else self.num_experts
-            full = kaiming_uniform_A((n, rank, A.shape[-1]), gen, A.dtype, A.device)
+        """Take the slot's rows (`assign_slot`, unless it holds them) and draw its A factors from
+        ``gen`` (gate_up, then down; B stays zero). The draw covers every expert, so a narrowed
+        module keeps its experts' part of the same init."""
+        if not any(slot in rows for rows in self._rows):
+            self.assign_slot(slot, sharing)
+        for i, (key, name) in enumerate(FACTORS):
+            if not key.endswith("A"):
+                continue
+            A, (r0, k, shared) = getattr(self, name), self._rows[i][slot]
+            full = kaiming_uniform_A((1 if shared else self.num_experts, rank, A.shape[-1]), gen, A.dtype, A.device)
             if not shared:
                 full = full[self.expert_start:self.expert_start + self.num_local_experts]
-            A[slot, :full.shape[0], :rank] = full
+            A[r0:r0 + k, :rank] = full
 
     # ----------------------------------------------------------------- forward
     def pair_slots(self, pair_tok: torch.Tensor, num_tokens: int) -> torch.Tensor | None:
@@ -123,14 +242,10 @@ class MultiLoRAExperts(nn.Module):
                 if n and s1 > 0:
                     s = s1 - 1
                     info = self.bank.info(s)
-                    g_a, g_b, d_a, d_b = SHARED_FACTORS[info.expert_sharing]
                     r, sc = info.rank, info.scale
-                    lora["gate_up"].append(
-                        Segment(pos, pos + n, self.factor_index(s, e, g_a), self.factor_index(s, e, g_b), r, sc)
-                    )
-                    lora["down"].append(
-                        Segment(pos, pos + n, self.factor_index(s, e, d_a), self.factor_index(s, e, d_b), r, sc)
-                    )
+                    ix = [self.factor_index(s, e, f) for f in range(4)]
+                    lora["gate_up"].append(Segment(pos, pos + n, ix[0], ix[1], r, sc))
+                    lora["down"].append(Segment(pos, pos + n, ix[2], ix[3], r, sc))
                 pos += n
             expert_offsets.append(pos)
         return perm, expert[perm], expert_offsets, lora
@@ -138,24 +253,18 @@ class MultiLoRAExperts(nn.Module):
     def grouped_products(self, x: torch.Tensor, expert_sorted: torch.Tensor, offsets: list[int], lora) -> torch.Tensor:
         """The expert MLP with LoRA on pairs sorted by `plan`: ``x [P, H]`` -> ``[P, H]``."""
         base = self.base_layer
-        H = x.shape[-1]
-        S, E, R = self.bank.max_adapters, self.num_local_experts, self.bank.max_rank
         h = dispatch.grouped_mm(x, getattr(base, self.up_name), offsets, self.transposed)
         if self.has_bias:
             h = h + getattr(base, f"{self.up_name}_bias")[expert_sorted]
         if lora["gate_up"]:
-            A = self.gate_up_A.view(S * E, R, H)
-            B = self.gate_up_B.view(S * E, self.up_out, R)
-            h = h + dispatch.segment_lora(x, A, B, lora["gate_up"]).to(h.dtype)
+            h = h + dispatch.segment_lora(x, self.gate_up_A, self.gate_up_B, lora["gate_up"]).to(h.dtype)
         act = base._apply_gate(h) if self.has_gate else base.act_fn(h)
 
         o = dispatch.grouped_mm(act, base.down_proj, offsets, self.transposed)
         if self.has_bias:
             o = o + base.down_proj_bias[expert_sorted]
         if lora["down"]:
-            A = self.down_A.view(S * E, R, self.inter)
-            B = self.down_B.view(S * E, H, R)
-            o = o + dispatch.segment_lora(act, A, B, lora["down"]).to(o.dtype)
+            o = o + dispatch.segment_lora(act, self.down_A, self.down_B, lora["down"]).to(o.dtype)
         return o
 
     def check_experts(self, expert: torch.Tensor) -> None:
