@@ -1,5 +1,11 @@
 """Swap every targetable linear for a `MultiLoRALinear` and every packed experts module for a
-`MultiLoRAExperts`, in place; `Attachment.detach()` puts the originals back."""
+`MultiLoRAExperts`, in place; `Attachment.detach()` puts the originals back.
+
+What is targetable comes from the model's structure (`structure.discover`, carried by the
+`ArchSpec`): every ``nn.Linear`` of the decoder layers except routers and gates, and every packed
+experts module with transformers' experts interface. Everything is checked before the model is
+touched, so a refusal leaves it as it was.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +15,7 @@ from torch import nn
 
 from ..lora import MultiLoRAExperts, MultiLoRALinear, SlotBank
 from .registry import ArchSpec
-
-
-def _is_packed_experts(module: nn.Module) -> bool:
-    up = getattr(module, "gate_up_proj", None)
-    if up is None:
-        up = getattr(module, "up_proj", None)
-    down = getattr(module, "down_proj", None)
-    return (
-        isinstance(up, nn.Parameter) and up.dim() == 3
-        and isinstance(down, nn.Parameter) and down.dim() == 3
-    )
+from .structure import Structure, discover
 
 
 @dataclass
@@ -27,6 +23,10 @@ class Attachment:
     model: nn.Module
     linears: dict[str, MultiLoRALinear] = field(default_factory=dict)
     experts: dict[str, MultiLoRAExperts] = field(default_factory=dict)
+    # linears of MoE blocks left alone because they are routers / gates: path -> why
+    routers: dict[str, str] = field(default_factory=dict)
+    # linears left out by a per-architecture exception (read through `.weight`): path -> why
+    excluded: dict[str, str] = field(default_factory=dict)
     _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     _requires_grad: dict[str, bool] = field(default_factory=dict)
 
@@ -47,21 +47,32 @@ class Attachment:
                 p.requires_grad_(self._requires_grad[name])
 
 
+def _structure(model: nn.Module, spec: ArchSpec) -> Structure:
+    st = spec.structure if spec.structure is not None else discover(model)
+    if st is None:
+        raise ValueError(f"{spec.model_type} ({type(model).__name__}): found no decoder layers")
+    return st
+
+
 def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = True, dtype=None) -> Attachment:
-    att = Attachment(model)
+    st = _structure(model, spec)
+    todo = [(path, module, "linear") for path, module in st.linears.items()]
+    if experts:
+        bad = {p: e.problem for p, e in st.packed_experts.items() if e.problem}
+        if bad:
+            path, problem = next(iter(bad.items()))
+            raise ValueError(
+                f"{spec.model_type}: expert LoRA cannot attach to {path} ({len(bad)} such module(s)): {problem}. "
+                "lorafleet needs transformers' experts interface (`use_experts_implementation`: 3D "
+                "gate_up_proj/down_proj, has_gate/is_transposed/is_concatenated/has_bias, _apply_gate). "
+                "Build the Fleet with expert_lora=False (and adapters with experts=False) to train the "
+                f"dense linears {list(st.linear_names)} only"
+            )
+        todo += [(path, e.module, "experts") for path, e in st.packed_experts.items()]
+    att = Attachment(model, routers=dict(st.routers), excluded=dict(st.excluded))
     att._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():  # the base stays frozen: only slot tensors train
         p.requires_grad_(False)
-    layers_prefix = "model.layers."
-    todo = []
-    for path, module in model.named_modules():
-        if not path.startswith(layers_prefix):
-            continue
-        short = path.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and short not in spec.router_linears:
-            todo.append((path, module, "linear"))
-        elif experts and spec.moe and _is_packed_experts(module):
-            todo.append((path, module, "experts"))
     for path, module, kind in todo:
         parent_path, child_name = path.rsplit(".", 1)
         parent = model.get_submodule(parent_path)
@@ -69,18 +80,8 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
             wrapped = MultiLoRALinear(module, bank, path, dtype=dtype)
             att.linears[path] = wrapped
         else:
-            if not hasattr(module, "_apply_gate") and getattr(module, "has_gate", True):
-                raise ValueError(
-                    f"{path} ({type(module).__name__}) has packed experts but no `_apply_gate`: "
-                    "lorafleet needs the transformers>=5 `use_experts_implementation` experts class"
-                )
             wrapped = MultiLoRAExperts(module, bank, path, dtype=dtype)
             att.experts[path] = wrapped
         setattr(parent, child_name, wrapped)
         att._originals.append((parent, child_name, module))
-    if spec.moe and experts and not att.experts:
-        raise ValueError(
-            f"{spec.model_type}: found no packed experts module (3D gate_up_proj/down_proj) under "
-            f"{layers_prefix}*; is this a transformers<5 checkpoint layout?"
-        )
     return att
