@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
@@ -110,14 +111,28 @@ def _plot(args) -> int:
     return 0
 
 
+# `serve --parallelism.NAME V`: torchtitan's spelling of the `parallelism:` mapping of a train YAML
+PARALLELISM_FLAGS = {
+    "data_parallel_replicate_degree": (int, "replicas of the model (default -1: the rest of the world)"),
+    "data_parallel_shard_degree": (int, "ranks the frozen base is split over by FSDP2 (default 1)"),
+    "expert_parallel_degree": (int, "ranks the experts and their LoRA are split over (default 1)"),
+    "timeout_s": (float, "seconds before a dead or stuck rank fails the engine (default 300)")}
+
+
 def _serve(args) -> int:
     _threads(args, builtin_base=args.base is None or not Path(args.base).is_dir())
+    kwargs = dict(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
+                  max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
+                  dataset_roots=args.dataset_root, store=args.store,
+                  cross_tenant_batching=not args.one_tenant_per_step)
+    parallelism = {k: v for k in PARALLELISM_FLAGS if (v := getattr(args, "parallelism." + k)) is not None}
+    if parallelism or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 serves, the others follow
+        from .distributed.serve import serve_on_ranks
+
+        return serve_on_ranks(parallelism or None, **kwargs)
     from .service.server import serve
 
-    serve(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
-          max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
-          dataset_roots=args.dataset_root, store=args.store,
-          cross_tenant_batching=not args.one_tenant_per_step)
+    serve(**kwargs)
     return 0
 
 
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where sessions, jobs and metrics live (default: DATA_DIR/lorafleet.db)")
     s.add_argument("--one-tenant-per-step", action="store_true",
                    help="turn cross-tenant batching off (time-sharing; only for comparisons, see bench/)")
+    for name, (type_, help_) in PARALLELISM_FLAGS.items():  # under torchrun, see docs/distributed.md
+        s.add_argument(f"--parallelism.{name}", type=type_, metavar="S" if type_ is float else "N", help=help_)
     s.set_defaults(fn=_serve)
     jobs = {"submit": "submit an adapter job to a running `lorafleet serve`",
             "status": "list your jobs, or show one job's status and metrics",

@@ -50,13 +50,21 @@ class ServiceConfig:
     cross_tenant_batching: bool = True  # False: one model per step (only to measure what batching buys)
 
 
+def new_fleet(model, tokenizer, config: ServiceConfig) -> Fleet:
+    """The service's fleet; each follower rank of a distributed server builds its own the same way."""
+    fleet = Fleet(model, max_adapters=config.max_adapters, max_rank=config.max_rank)
+    fleet.tokenizer = tokenizer
+    return fleet
+
+
 class Service:
     def __init__(self, model, tokenizer, base_name: str, config: ServiceConfig | None = None,
-                 store: Store | None = None, tokenizer_dir: str | None = None):
+                 store: Store | None = None, tokenizer_dir: str | None = None, wrap_fleet=None):
         self.config = config or ServiceConfig()
         self.base_name = base_name
-        self.fleet = Fleet(model, max_adapters=self.config.max_adapters, max_rank=self.config.max_rank)
-        self.fleet.tokenizer = tokenizer
+        self.fleet = new_fleet(model, tokenizer, self.config)
+        if wrap_fleet is not None:  # under torchrun: every rank runs each engine call (distributed/serve.py)
+            self.fleet = wrap_fleet(self.fleet)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.arch = str(getattr(model.config, "model_type", "unknown"))
         self.data_dir = Path(self.config.data_dir)

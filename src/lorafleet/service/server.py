@@ -14,8 +14,15 @@ from .core import Service, ServiceConfig
 log = logging.getLogger("lorafleet.service")
 
 
-def build_service(base: str | None = None, config: ServiceConfig | None = None, log_fn=print) -> Service:
-    """``base``, resolved in this order:
+def build_service(base: str | None = None, config: ServiceConfig | None = None, log_fn=print,
+                  wrap_fleet=None) -> Service:
+    """The service on ``base`` (see `load_service_base`); ``wrap_fleet``: see `Service`."""
+    model, tok, name, tok_dir = load_service_base(base, log_fn)
+    return Service(model, tok, name, config, tokenizer_dir=tok_dir, wrap_fleet=wrap_fleet)
+
+
+def load_service_base(base: str | None = None, log_fn=print):
+    """-> (model, tokenizer, served name, tokenizer directory or None). ``base``, resolved in this order:
 
     * None: ``lorafleet:qwen3_moe-copy``, the default (see below);
     * a name in ``jobs.base_model.EMBEDDED_BASES``, e.g. ``lorafleet:qwen3_moe-copy``: a debug
@@ -37,19 +44,18 @@ def build_service(base: str | None = None, config: ServiceConfig | None = None, 
         # served under its registry name, not load_base's "debug:<arch>+copyN" (which leaves out
         # the size overrides): a client names this base as `lorafleet serve --base` does
         model, tok, _ = load_base(EMBEDDED_BASES[base], log=log_fn)
-        return Service(model, tok, base, config)
+        return model, tok, base, None
     if base.startswith("lorafleet:"):
         raise ValueError(f"unknown embedded base {base!r}; valid: {', '.join(EMBEDDED_BASES)}")
     if Path(base).is_dir():
         spec = BaseSpec(path=base)
     elif (arch := parse_qwen_vocab_base(base)) is not None:  # debug:<arch>-qwenvocab (see qwen_vocab.py)
         model, tok, tok_dir, name = build_qwen_vocab_base(arch, log=log_fn)
-        return Service(model, tok, name, config, tokenizer_dir=tok_dir)
+        return model, tok, name, tok_dir
     else:
         spec = BaseSpec(debug=base.split(":", 1)[-1])
     model, tok, name = load_base(spec, log=log_fn)
-    tok_dir = str(spec.path) if spec.path is not None else None
-    return Service(model, tok, name, config, tokenizer_dir=tok_dir)
+    return model, tok, name, str(spec.path) if spec.path is not None else None
 
 
 def make_app(service: Service, api_keys_file: str | None = None, keys: dict | None = None):
@@ -99,20 +105,26 @@ class ServerThread:
         self.stop()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
-          api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
-          aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite",
-          cross_tenant_batching: bool = True) -> None:
-    import uvicorn
-
+def check_keys(host: str, api_keys: str | None) -> dict:
+    """The API keys; ValueError when there are none and ``host`` is reachable from other machines."""
     keys = load_keys(api_keys)
     if not keys and not is_loopback(host):
         raise ValueError(f"no API keys configured (--api-keys FILE or LORAFLEET_API_KEYS): refusing to serve on "
                          f"non-loopback address {host!r}")
+    return keys
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
+          api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
+          aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite",
+          cross_tenant_batching: bool = True, wrap_fleet=None) -> None:
+    import uvicorn
+
+    keys = check_keys(host, api_keys)
     cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []),
                         dataset_roots=list(dataset_roots or []), store=store,
                         cross_tenant_batching=cross_tenant_batching)
-    service = build_service(base, cfg)
+    service = build_service(base, cfg, wrap_fleet=wrap_fleet)
     app, _ = make_app(service, keys=keys)
     if keys:
         print(f"lorafleet serve: {len(set(keys.values()))} tenant(s) with API keys")
