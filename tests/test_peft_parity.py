@@ -110,6 +110,8 @@ def check_export(fleet, base, ref_logits, ids, tmp_path, same_config_as=None, sa
     """Export, load with PEFT, compare logits. ``same_config_as``: a PEFT directory whose r,
     lora_alpha, rank_pattern and alpha_pattern the export must reproduce; ``same_shapes_as``
     (implied by it): one whose tensor names and shapes it must reproduce (zero padding cut again)."""
+    with torch.no_grad():
+        assert rel(base(input_ids=ids).logits, ref_logits) > 1e-3  # the adapter does something
     out = tmp_path / "export"
     fleet.save_adapter("x", out, format="peft")
     pm = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
@@ -303,21 +305,24 @@ def test_eva_adapter_loads_exactly(tmp_path):
 @pytest.mark.parametrize("how", ["layers_to_transform", "regex"])
 def test_layer_restricted_targets_load_exactly(how, tmp_path):
     """Modules the file leaves out get zero LoRA (A = B = 0, zero gradients, stays zero)."""
-    if how == "layers_to_transform":
+    if how == "layers_to_transform":  # PEFT: dense targets in layer 1 only, down_proj -> both experts modules
+        arch = "deepseek_v3"
         lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "kv_b_proj", "down_proj"],
                         layers_to_transform=[1], layers_pattern="layers")
-    else:
-        lc = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(0\.self_attn\.q_b_proj|[12]\.self_attn\.o_proj)")
-    base, pm, d = peft_adapter("deepseek_v3", tmp_path, lc)
+    else:  # (PEFT 0.21 widens a regex to every layer on the MoE models it converts for transformers v5)
+        arch = "qwen3"
+        lc = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(0\.self_attn\.q_proj|1\.(self_attn\.v|mlp\.down)_proj)")
+    base, pm, d = peft_adapter(arch, tmp_path, lc)
+    keys = load_file(str(d / "adapter_model.safetensors"))
+    assert not any(".0.self_attn.v_proj" in k or ".0.self_attn.o_proj" in k for k in keys)  # restricted
     ids, proj = inputs()
     ref, grads = peft_logits_and_grads(pm, ids, proj)
     fleet, logits = fleet_run(base, d, ids, proj, checkpointing=True)
     assert rel(logits, ref) <= TOL
     check_grads(fleet, d, grads, tmp_path)
     w = fleet.get_adapter_weights("x")
-    for path, (a, b) in w.dense.items():
-        targeted = f"base_model.model.{path}.lora_A.weight" in load_file(str(d / "adapter_model.safetensors"))
-        assert targeted or (not a.any() and not b.any()), path
+    padded = [p for p in w.dense if f"base_model.model.{p}.lora_A.weight" not in keys]
+    assert padded and all(not w.dense[p][0].any() and not w.dense[p][1].any() for p in padded)
     check_export(fleet, base, ref, ids, tmp_path)
 
 
@@ -409,3 +414,17 @@ def test_export_cuts_zero_rank_tails_per_module(tmp_path):
     assert back.config.rank == 4 and back.config.scale == 2.0
     for key, t in back.tensors():
         assert torch.equal(t, dict(w.tensors())[key]), key
+
+
+def test_moe_recipe_with_rslora_folds_gate_up_scale(tmp_path):
+    """Under rsLoRA PEFT's fused gate_up (rank 2r, alpha 2 alpha) has scale sqrt(2) times the
+    others': reproduced by folding (exact outputs) with the training warning."""
+    base, pm, d = peft_adapter("qwen3_moe", tmp_path, LoraConfig(r=4, lora_alpha=8, use_rslora=True,
+                                                                 target_modules=MOE_RECIPE["qwen3_moe"]))
+    ids, proj = inputs()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+    with pytest.warns(UserWarning, match=r"gate_up_proj 5\.65685"):
+        fleet, logits = fleet_run(base, d, ids, proj)
+    assert rel(logits, ref) <= TOL
+    check_export(fleet, base, ref, ids, tmp_path)
