@@ -311,7 +311,8 @@ def test_layer_restricted_targets_load_exactly(how, tmp_path):
                         layers_to_transform=[1], layers_pattern="layers")
     else:  # (PEFT 0.21 widens a regex to every layer on the MoE models it converts for transformers v5)
         arch = "qwen3"
-        lc = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(0\.self_attn\.q_proj|1\.(self_attn\.v|mlp\.down)_proj)")
+        lc = LoraConfig(r=4, lora_alpha=8,
+                        target_modules=r".*\.(0\.self_attn\.q_proj|1\.(self_attn\.v|mlp\.down)_proj)")
     base, pm, d = peft_adapter(arch, tmp_path, lc)
     keys = load_file(str(d / "adapter_model.safetensors"))
     assert not any(".0.self_attn.v_proj" in k or ".0.self_attn.o_proj" in k for k in keys)  # restricted

@@ -83,7 +83,8 @@ def _check_config(cfg: dict, file: Path):
             ok = isinstance(v, int) and v >= 1 if field == "rank_pattern" else \
                 isinstance(v, (int, float)) and math.isfinite(v)
             if isinstance(v, bool) or not ok:
-                raise bad(field, f"entry {k!r}: {v!r} is not a {'positive integer' if field == 'rank_pattern' else 'finite number'}")
+                want = "positive integer" if field == "rank_pattern" else "finite number"
+                raise bad(field, f"entry {k!r}: {v!r} is not a {want}")
             try:
                 re.compile(k)
             except re.error as exc:
@@ -418,7 +419,8 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
     dense = {p: (a, fold(p, b)) for p, (a, b) in dense.items()}
     experts = {p: {pr: (a, fold((p, pr), b)) for pr, (a, b) in d.items()} for p, d in experts.items()}
     if folded:
-        shown = ", ".join(f"{k} {sc:g}" for k, sc in folded[:3]) + (f" and {len(folded) - 3} more" if len(folded) > 3 else "")
+        shown = ", ".join(f"{k} {sc:g}" for k, sc in folded[:3])
+        shown += f" and {len(folded) - 3} more" if len(folded) > 3 else ""
         warnings.warn(
             f"{file.parent}: rank_pattern / alpha_pattern give {len(folded)} module(s) a LoRA scale "
             f"(alpha/{'sqrt(r)' if rslora else 'r'}) other than the adapter's {s_ref:g}: {shown}. lorafleet has one "
