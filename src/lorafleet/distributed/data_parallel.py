@@ -9,7 +9,8 @@ Every rank calls every fleet method with the same arguments (SPMD). The comm the
   SUM-reduces each stepping adapter's factors once, at ``optim_step``, bucketed in slot order:
   replicated factors over every rank, expert shards over their replicate group. SUM, because
   Tinker's losses are sums over examples: the single-process gradient is the sum of the shares';
-- **clips by the adapter's own global norm**: the squares of its shards summed across ranks;
+- **clips by the adapter's own global norm**: the squares of its shards summed across ranks; a
+  norm that is inf/nan on one rank is inf on all, so all skip the same (fp16) steps;
 - **gathers shards on write and slices them on read** (`shards.py`), so files do not depend on
   the world size; only rank 0 writes them.
 
@@ -61,6 +62,8 @@ class FleetComm:
                 fleet._forward_backward_local([Example(None, e.input_tokens[:1], e.target_tokens[:1])],
                                               "cross_entropy", resolve_config("cross_entropy", None), forward_only)
             local = ([], [], [], [])
+        if self.collective_forward and not forward_only:
+            self._move_received_grads(fleet, examples)
         parts = [None] * self.world
         with guard("forward_backward (gathering results)", self.timeout_s):
             dist.all_gather_object(parts, local)
@@ -71,6 +74,18 @@ class FleetComm:
         # every rank marks every adapter of the batch pending, so all step the same adapters
         metrics = fleet._metrics(examples, losses, forward_only)
         return ForwardBackwardResult(logprobs=logprobs, losses=losses, entropy=entropy, metrics=metrics)
+
+    @staticmethod
+    def _move_received_grads(fleet, examples) -> None:
+        """Expert parallelism: this rank's experts also ran other ranks' rows, so an adapter with no
+        row (no loss) here got a gradient too. One accumulated in fp32 (low-precision factors, a
+        loss scale) moves it into its buffer now, unscaled like the engine moves its own rows'
+        gradients: left in the bank, `adapter_grads` would move it at `optim_step` with the fp16
+        loss scale still in it. An adapter whose rows ran here was moved already (this adds zeros)."""
+        for n in dict.fromkeys(e.adapter for e in examples if e.adapter is not None):
+            if fleet._fp32_grads(n):
+                scaler = fleet._train[n].scaler
+                fleet._move_grads(n, inv_scale=1.0 if scaler is None else 1.0 / scaler.scale)
 
     def backward_anchor(self, hidden: torch.Tensor):
         """A zero loss over the whole graph for a rank whose rows carry no loss (None: skip)."""

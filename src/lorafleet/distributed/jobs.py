@@ -37,6 +37,24 @@ def distribute_job(job, fleet):
     return comm
 
 
+def quiet_unless_writer(job) -> None:
+    """Silence a torchrun rank other than 0 from the job's start: the base-loading lines, a run
+    dir's notices and the report of an already finished run are printed before the fleet (and so
+    the comm) exists. The rank comes from torchrun's environment, the same number the process
+    group gives it. Errors still reach stderr on every rank (the CLI prints them)."""
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+        silence(job)
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """transformers' progress bars (loading and writing a cached base) and its info messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def silence(job) -> None:
     """A rank other than 0: no terminal output and no files (the fleet already writes only on 0)."""
     job.writes = False

@@ -108,12 +108,13 @@ def _debug_base(spec, log):
 
     if (hit := load_cached()) is not None:  # the common case takes no lock
         return hit
+    # said before the lock: of torchrun ranks racing for it, the one that prints (rank 0) may be the one that waits
+    log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
+        f"(once; cached in {cached})")
     with cache_entry_lock(cached):
         if (hit := load_cached()) is not None:  # another process built it while we waited
             return hit
         model = build_debug_model(spec.debug, seed=0, **overrides)
-        log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
-            f"(once; cached in {cached})")
         pretrain(model, tok, spec.pretrain_steps)
         with atomic_dir(cached) as tmp:
             model.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..data.datasets import DataCursor, load_examples, split_eval
 from ..engine import Fleet
 from ..utils.atomic import atomic_dir, atomic_write_text
-from ..distributed.jobs import any_rank, distribute_job, follow_checkpoint
+from ..distributed.jobs import any_rank, distribute_job, follow_checkpoint, quiet_unless_writer
 from .base_model import load_base
 from .config import TrainConfig
 from .evaluate import accuracy_matrix, evaluate, format_matrix
@@ -56,6 +56,7 @@ class TrainJob:
         self.run_dir = Path(cfg.run_dir)  # relative to the working directory, like every CLI path
         self.progress = Progress(progress)
         self.log = log or self.progress.write
+        quiet_unless_writer(self)  # torchrun ranks other than 0: silent before the base even loads
         self.config_hash = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
         # where the run stands, for the line the CLI prints when it is interrupted:
         # "setup" (base, data, restore), "steps" (the step loop), "summary" (every step done)
