@@ -15,7 +15,7 @@ from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
 from .sampling import SamplingMixin
 from .state import StateMixin
-from .optim import LossScaler
+from .optim import LossScaler, low_precision
 from .training import AdapterTrainState, TrainingMixin
 
 
@@ -281,7 +281,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
             head, proj = path.rsplit(".", 1)
             group = (head, proj) if head in self._att.experts else (path, None)
             v = p[idx]
-            if v.dtype != torch.float32:
+            if low_precision(v.dtype):
                 m = masters.get(key)
                 v = m if m is not None and m.shape == v.shape and torch.equal(m.to(v.dtype), v) else v.float()
             if self.comm is not None:  # distributed: the whole factor, gathered from its shards
@@ -343,7 +343,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         for key, p, idx in self.adapter_views(name):
             v = values[key] if self.comm is None else self.comm.local_tensor(name, key, p, values[key])
             p[idx] = v.to(p)
-            if p.dtype != torch.float32:  # low-precision bank: keep the source's precision
+            if low_precision(p.dtype):  # keep the source's precision
                 masters[key] = v.to(device=p.device, dtype=torch.float32, copy=True)
 
     def add_adapter_from_weights(self, name: str, w: AdapterWeights) -> int:

@@ -263,11 +263,17 @@ def grad_norm(grads: list[torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float(), 2.0) for g in grads]), 2.0))
 
 
+def low_precision(dtype: torch.dtype) -> bool:
+    """bf16 / fp16: factors that need fp32 masters, fp32 gradient buffers and fp32 AdamW math.
+    fp32 and fp64 factors are their own masters (an fp64 fleet keeps fp64 throughout)."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def master_weight(state: AdamState, key: str, param: torch.Tensor) -> torch.Tensor:
     """The fp32 tensor AdamW updates for ``param``: ``param`` itself when it is fp32, else the
     adapter's fp32 master copy. A master that no longer rounds to ``param`` (the weights were
     written from outside: set_adapter_weights, a load) is re-seeded from ``param``."""
-    if param.dtype == torch.float32:
+    if not low_precision(param.dtype):
         return param
     master = state.master.get(key)
     if master is None or master.shape != param.shape or not torch.equal(master.to(param.dtype), param):
@@ -282,7 +288,7 @@ def adamw_step(views, grads, state: AdamState, config: OptimConfig, norm: float 
     first (norm and clipping included), low-precision weights are stepped through their fp32
     master copy (``state.master``) and then rounded back into the view. ``norm``: the adapter's
     global gradient norm when ``grads`` are only this rank's shards of it (default: theirs)."""
-    grads = [g.to(torch.float32) for g in grads]  # a no-op (same tensor) for fp32
+    grads = [g.float() if low_precision(g.dtype) else g for g in grads]
     norm = grad_norm(grads) if norm is None else norm
     clip = config.grad_clip_norm
     if clip:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import AdapterConfig
 from ..utils.atomic import atomic_dir
-from .optim import AdamState, LossScaler, OptimConfig
+from .optim import AdamState, LossScaler, OptimConfig, low_precision
 
 STATE_FILE, TENSORS_FILE, FORMAT, VERSION = "state.json", "tensors.safetensors", "lorafleet-state", 1
 
@@ -110,7 +110,7 @@ class StateMixin:
             for k, p, idx in views:
                 best = tensors.get(f"master/{k}", tensors[f"weight/{k}"])  # the most precise copy
                 p[idx] = best.to(p)
-                if p.dtype != torch.float32:
+                if low_precision(p.dtype):
                     masters[k] = best.to(device=dev, dtype=torch.float32, copy=True)
                 if p.grad is not None:
                     p.grad[idx].zero_()

@@ -21,7 +21,7 @@ import torch
 from ..types import Example
 from .logprobs import token_logprobs
 from .losses import NEEDS, dpo, example_loss, resolve_config
-from .optim import AdamState, LossScaler, OptimConfig, adamw_step, grad_norm
+from .optim import AdamState, LossScaler, OptimConfig, adamw_step, grad_norm, low_precision
 
 
 @dataclass
@@ -82,7 +82,7 @@ class TrainingMixin:
     def _fp32_grads(self, name: str) -> bool:
         """Whether the adapter's gradients accumulate in its fp32 ``grad_acc`` (low-precision
         factors, or a loss scale to undo) instead of in the bank's ``.grad``."""
-        return self.lora_dtype != torch.float32 or self._train[name].scaler is not None
+        return low_precision(self.lora_dtype) or self._train[name].scaler is not None
 
     @torch.no_grad()
     def _move_grads(self, name: str, views=None, inv_scale: float = 1.0) -> None:
