@@ -169,6 +169,29 @@ def test_hot_add_remove_reuse_equals_fresh_fleet_and_peft(tmp_path):
                 assert rel(our_g[k], ref_g[k]) < 1e-5, (arch, name, k)
 
 
+def test_pool_growth_while_an_earlier_graph_is_alive():
+    """The README's order: forward + backward, keep the output, load another adapter (the pools
+    grow), train. Autograd's gradient accumulator for a grown pool must not keep the old shape
+    (it did when only ``.data`` was replaced: "got [16, ...] but expected [8, ...]")."""
+    model = build_debug_model("qwen3_moe", seed=0)
+    fleet = lf.Fleet(model, max_adapters=3, max_rank=4)
+    fleet.add_adapter("a", cfg("none", 4, 1))
+    randomize(fleet, "a", seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    out = fleet.forward(ids, adapters=["a", "a"])
+    out.logits.sum().backward()
+    rows = fleet._att.experts[next(iter(fleet._att.experts))].down_A.shape[0]
+    fleet.add_adapter("b", cfg("none", 4, 2))  # grows every pool while `out`'s graph is alive
+    m = fleet._att.experts[next(iter(fleet._att.experts))]
+    assert m.down_A.shape[0] == 2 * rows and m.down_A.grad.shape == m.down_A.shape
+    fleet.zero_grad("a")
+    ex = [lf.Example("a", input_tokens=[1, 5, 6], target_tokens=[5, 6, 2]),
+          lf.Example("b", input_tokens=[1, 7], target_tokens=[7, 2])]
+    res = fleet.forward_backward(ex)
+    assert res.metrics["a"]["tokens:sum"] == 3 and fleet.pending_adapters() == ["a", "b"]
+    assert out.logits.shape[0] == 2
+
+
 def test_save_load_round_trip_through_churned_pools(tmp_path):
     fleet = lf.Fleet(build_debug_model("deepseek_v3", seed=0), max_adapters=4, max_rank=8)
     rename = {"q_proj": "q_b_proj", "v_proj": "kv_b_proj", "o_proj": "o_proj"}

@@ -170,7 +170,7 @@ class MultiLoRAExperts(nn.Module):
         """Reallocate a pool to its live rows (slot order) plus ``extra`` free rows at the end;
         returns the first free row. ``keep(slot, rows, shared)`` -> (source row, rows, shared,
         keep grad) chooses what each slot keeps (expert parallelism's narrowing). The parameter
-        object stays (``.data`` is replaced): tags, FSDP's ignored set and any reference remain."""
+        object stays (its tensor is swapped): tags, FSDP's ignored set and any reference remain."""
         p = self._factor_param(factor)
         plan, size = [], 0
         for s in sorted(self._rows[factor]):
@@ -185,9 +185,7 @@ class MultiLoRAExperts(nn.Module):
             if grad is not None and keep_grad:
                 grad[dst:dst + n] = p.grad[src:src + n]
             self._rows[factor][s] = (dst, n, shared)
-        p.data = data
-        if grad is not None:
-            p.grad = grad
+        _replace_storage(p, data, grad)
         return size
 
     @torch.no_grad()
@@ -299,3 +297,18 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
+
+
+def _replace_storage(p: nn.Parameter, data: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """Give ``p`` new data (and grad) of another shape, keeping the Python object. Assigning
+    ``p.data`` is not enough: while an earlier forward's graph is alive, autograd keeps its
+    gradient accumulator for ``p`` with the old shape, and the next backward fails ("got
+    [16, ...] but expected [8, ...]"). ``swap_tensors`` replaces that autograd state too."""
+    new = nn.Parameter(data, requires_grad=p.requires_grad)
+    new.grad = grad
+    new.__dict__.update(p.__dict__)  # attributes (expert parallelism's shard tag) stay on p
+    try:
+        torch.utils.swap_tensors(p, new)
+    except RuntimeError:  # a live graph still saved p for its backward: that graph keeps the old
+        p.data = data     # tensor; new forwards see the new one
+        p.grad = grad
