@@ -44,7 +44,10 @@ FORMATS = ("peft", "vllm", "sglang")
 # PEFT 0.21 on transformers v5 rewrites these short target names into the fused-experts
 # `target_parameters` for these model types on every load (its v4->v5 MoE config conversion), so
 # a PEFT file that targets the *dense* linears of those names cannot be loaded faithfully by PEFT.
-PEFT_REMAPPED_TARGETS = {"deepseek_v3": {"gate_proj", "up_proj", "down_proj"}}
+# model types whose dense gate/up/down linears PEFT 0.21 re-targets to the fused experts
+# (measured on transformers 5.24: such a PEFT file does not load faithfully in PEFT)
+PEFT_REMAPPED_TARGETS = {t: {"gate_proj", "up_proj", "down_proj"} for t in (
+    "deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "qwen3_next")}
 LORAFLEET_VERSION = "0.1.0"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.(.+)$")
 

@@ -135,7 +135,7 @@ class Service:
         attn = [n for n in self._linear_names if n in ATTN]
         mlp = [n for n in self._linear_names if n not in ATTN]
         targets = (attn if train_attn else []) + (mlp if train_mlp else [])
-        experts = train_mlp and self.fleet.spec.moe
+        experts = train_mlp and self.fleet.expert_lora  # not spec.moe: Llama 4 / DBRX attach dense-only
         if not targets and not experts:
             raise Invalid("lora_config trains nothing on this base (set train_attn or train_mlp)")
         seed = lora.get("seed")
