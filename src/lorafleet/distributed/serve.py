@@ -162,16 +162,18 @@ class BroadcastFleet:
                     except EngineLost:
                         return
 
-    def shutdown(self) -> None:
-        """Release the followers (call once the service makes no more engine calls)."""
+    def shutdown(self) -> bool:
+        """Release the followers (once the service makes no more engine calls); whether they heard."""
         self._closed.set()
         with self._lock:
-            if self._lost is None:
-                try:
-                    self._send(("shutdown", None, (), {}))
-                except EngineLost:
-                    pass
-                vars(self)["_lost"] = "the service is shutting down"
+            if self._lost is not None:
+                return False
+            try:
+                self._send(("shutdown", None, (), {}))
+            except EngineLost:
+                return False
+            vars(self)["_lost"] = "the service is shutting down"
+            return True
 
 
 def follow(fleet, channel: CommandChannel) -> int:
@@ -265,16 +267,17 @@ def serve_on_ranks(parallelism: dict | None, **serve_kwargs) -> int:
         return proxy[0]
 
     previous = signal.signal(signal.SIGTERM, _stop)
+    released = False
     try:
         serve(**serve_kwargs, wrap_fleet=wrap)
     except (KeyboardInterrupt, _Stopped):  # a requested stop: the service closed, release the followers
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if proxy:
-            proxy[0].shutdown()
+        released = bool(proxy) and proxy[0].shutdown()
         _leave()
-    print(f"lorafleet serve: stopped (rank 0 of {world}; the other ranks were released)", flush=True)
+    others = "the other ranks were released" if released else "the other ranks were gone"
+    print(f"lorafleet serve: stopped (rank 0 of {world}; {others})", flush=True)
     return 0
 
 
