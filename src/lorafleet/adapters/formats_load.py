@@ -140,7 +140,7 @@ def _check_init(init, bad) -> None:
             "not LoftQ"))
     if low == "mica":
         warnings.warn(
-            f"init_lora_weights 'mica': PEFT keeps MiCA's lora_B frozen in training; lorafleet trains A and B, "
+            "init_lora_weights 'mica': PEFT keeps MiCA's lora_B frozen in training; lorafleet trains A and B, "
             "so outputs are exact but continued training differs from PEFT", UserWarning, stacklevel=5)
         return
     if low not in _PLAIN_INITS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .optim import read_number
+from ..utils.values import read_number
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dpo")
 DEFAULTS = {

@@ -40,7 +40,8 @@ from pathlib import Path
 import yaml
 
 from ..config import EXPERT_SHARING_MODES, AdapterConfig
-from ..engine.optim import OptimConfig, coerce_fields
+from ..engine.optim import OptimConfig
+from ..utils.values import coerce_fields
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.datasets import DatasetError, read_jsonl
-from ..engine.optim import coerce_fields, read_number
+from ..utils.values import coerce_fields, read_number
 from ..engine.sampling import SampleRequest, SamplingParams
 from ..types import Example
 from .config import AdapterJob, ConfigError, _positive, load_config

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..data.datasets import DataCursor, load_examples, split_eval
-from ..engine.optim import read_number
+from ..utils.values import read_number
 from ..jobs.config import AdapterJob, ConfigError, read_adapter_job
 from ..jobs.evaluate import evaluate
 from ..utils.atomic import atomic_dir
