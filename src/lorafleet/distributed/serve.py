@@ -223,25 +223,27 @@ class _WireTensor:
     def __init__(self, t: torch.Tensor):
         self.cpu, self.on_device = t.detach().cpu(), t.device.type != "cpu"
 
+    def restore(self, device):
+        return self.cpu.to(device) if self.on_device else self.cpu
+
+
+def _map_tensors(v, fn, kind=torch.Tensor):
+    """``fn`` applied to every ``kind`` inside nested tuples, lists and dicts."""
+    if isinstance(v, kind):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_map_tensors(x, fn, kind) for x in v)
+    if isinstance(v, dict):
+        return {k: _map_tensors(x, fn, kind) for k, x in v.items()}
+    return v
+
 
 def _to_wire(v):
-    if isinstance(v, torch.Tensor):
-        return _WireTensor(v)
-    if isinstance(v, (tuple, list)):
-        return type(v)(_to_wire(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _to_wire(x) for k, x in v.items()}
-    return v
+    return _map_tensors(v, _WireTensor)
 
 
 def _from_wire(v, device):
-    if isinstance(v, _WireTensor):
-        return v.cpu.to(device) if v.on_device else v.cpu
-    if isinstance(v, (tuple, list)):
-        return type(v)(_from_wire(x, device) for x in v)
-    if isinstance(v, dict):
-        return {k: _from_wire(x, device) for k, x in v.items()}
-    return v
+    return _map_tensors(v, lambda w: w.restore(device), _WireTensor)
 
 
 # ------------------------------------------------------------------ launch (cli.py's `serve`)
