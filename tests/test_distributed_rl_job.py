@@ -81,7 +81,9 @@ def test_only_rank_0_prints(runs):
     _, out = runs
     assert sorted(out) == [0, 1]
     stdout0, _ = out[0]
-    assert stdout0.count("building the qwen3_moe debug base") == 1, stdout0
+    # about the base, at most one line: rank 0 "building" it, "waiting" for rank 1 that won the
+    # cache lock, or none when rank 1 had built it before rank 0 looked (a cache hit is silent)
+    assert stdout0.count("qwen3_moe debug base") <= 1, stdout0
     assert all(stdout0.count(f"[{n}] finished: PEFT adapter") == 1 for n in NAMES), stdout0
     assert stdout0.count("reward curves:") == 1, stdout0
     assert out[1] == ("", ""), out[1]  # rank 1: not a line, not a progress bar

@@ -108,17 +108,22 @@ def _debug_base(spec, log):
 
     if (hit := load_cached()) is not None:  # the common case takes no lock
         return hit
-    # said before the lock: of torchrun ranks racing for it, the one that prints (rank 0) may be the one that waits
-    log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
-        f"(once; cached in {cached})")
-    with cache_entry_lock(cached):
+    # the waiter speaks too: of torchrun ranks racing for the lock, the one that prints (rank 0) may wait
+    waiting = f"waiting for another process to finish the {spec.debug} debug base (cached in {cached})"
+    with cache_entry_lock(cached, on_wait=lambda: log(waiting)):
         if (hit := load_cached()) is not None:  # another process built it while we waited
             return hit
         model = build_debug_model(spec.debug, seed=0, **overrides)
+        log(f"building the {spec.debug} debug base: {spec.pretrain_steps} steps of generic copy pretraining "
+            f"(once; cached in {cached})")
         pretrain(model, tok, spec.pretrain_steps)
         with atomic_dir(cached) as tmp:
             model.save_pretrained(tmp)
             save_tokenizer(tok, tmp)
+    # the builder runs what every later process runs: the cached files (the model it built keeps
+    # eager attention where a loaded one takes sdpa, 1e-7 off in logits: torchrun ranks would differ)
+    if (hit := load_cached()) is not None:
+        return hit
     return model.eval(), tok, name
 
 

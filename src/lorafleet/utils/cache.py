@@ -25,17 +25,23 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def cache_entry_lock(entry):
+def cache_entry_lock(entry, on_wait=None):
     """Hold an exclusive lock for building cache entry ``entry`` (a directory path); blocks while
-    another process holds it. The lock is a sibling file ``.<name>.lock``, left in place (removing
-    it would race with a process about to lock it). Callers check for the entry again inside."""
+    another process holds it, after calling ``on_wait()`` (say so: the wait may last the whole
+    build). The lock is a sibling file ``.<name>.lock``, left in place (removing it would race
+    with a process about to lock it). Callers check for the entry again inside."""
     entry = Path(entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     if fcntl is None:  # pragma: no cover
         yield
         return
     with open(entry.parent / f".{entry.name}.lock", "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
