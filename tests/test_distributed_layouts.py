@@ -4,7 +4,8 @@
   ranks (EP=2 x DP=2) and continues as the uninterrupted single-process run does;
 - FSDP2 x EP (data_parallel_shard_degree=2, expert_parallel_degree=2 on 4 ranks) equals one process;
 - an inf in one rank's expert shard skips that adapter's step on every rank (the loss scaler's
-  path: every rank backs its scale off alike) and the run then equals one process given the same inf;
+  path: every rank backs its scale off alike) and the run then equals one process given the same
+  inf; real fp16 under EP=2 equals one process to fp16's rounding;
 - sampling in lockstep (a communicating forward: every rank decodes every request, tokens from
   rank 0) equals one process;
 - the skew the shared scenario claims (an adapter whose rows all land on one rank, a module no
@@ -80,6 +81,28 @@ def put_inf(fleet, expert: int) -> None:
     grad[expert, 0, 0] = float("inf")
 
 
+def fp16_fleet():
+    """A real fp16 fleet (base and factors), per-expert and shared-A expert LoRA."""
+    from lorafleet.models.debug import build_debug_model
+
+    fleet = lf.Fleet(build_debug_model("qwen3_moe", seed=0, dtype=torch.float16), max_adapters=2, max_rank=8)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=8, expert_sharing="none", seed=2))
+    fleet.add_adapter("b", lf.AdapterConfig(rank=4, expert_sharing="shared_a", seed=3))
+    for n in fleet.adapters:
+        fleet.set_optimizer(n, lf.OptimConfig(lr=1e-2, eps=1e-4))
+    return fleet
+
+
+def fp16_steps(fleet) -> dict:
+    """Three steps; on 2 ranks each adapter's rows all sit on one rank, so the other rank's experts
+    hold gradients of an adapter with no loss there (scaled by the loss scale: to be undone)."""
+    rec = []
+    for s in range(3):
+        r = fleet.forward_backward(examples(list(fleet.adapters), 10 + s, 2))
+        rec.append((r.losses, fleet.optim_step()))
+    return {"steps": rec, "weights": {n: dict(fleet.get_adapter_weights(n).tensors()) for n in fleet.adapters}}
+
+
 SAMPLE_PARAMS = lf.SamplingParams(max_tokens=5, temperature=1.0, seed=11)
 
 
@@ -105,7 +128,10 @@ def _two_ranks(rank, world, out):
     parallelize(fleet, mesh)
     E = next(iter(fleet._att.experts.values())).num_local_experts
     overflow = overflow_steps(fleet, lambda f: put_inf(f, 0) if rank == 1 else None)  # rank 1 only
-    return {"samples": samples, "overflow": overflow, "local_experts": E}
+
+    fleet = fp16_fleet()
+    parallelize(fleet, mesh)
+    return {"samples": samples, "overflow": overflow, "local_experts": E, "fp16": fp16_steps(fleet)}
 
 
 def _four_ranks(rank, world, out):
@@ -175,6 +201,20 @@ def test_an_inf_in_one_ranks_shard_skips_the_step_on_every_rank(runs):
         for n, tensors in want["weights"].items():
             for k, t in tensors.items():
                 assert rel(r["overflow"]["weights"][n][k], t) <= 1e-5, (n, k)
+
+
+def test_fp16_under_ep_equals_one_process(runs):
+    """Real fp16 (factors and base) under EP=2: fp16's rounding apart, one process's run. Before
+    the received gradients were unscaled after each backward, the weights were 19 % off."""
+    want = fp16_steps(fp16_fleet())
+    for r in runs[1]:
+        for (losses, om), (losses0, om0) in zip(r["fp16"]["steps"], want["steps"]):
+            assert rel(torch.tensor(losses), torch.tensor(losses0)) <= 1e-4
+            assert {n: (om[n]["loss_scale"], om[n]["skipped"]) for n in om} == \
+                {n: (om0[n]["loss_scale"], om0[n]["skipped"]) for n in om0}
+        for n, tensors in want["weights"].items():
+            for k, t in tensors.items():  # fp16 weights: one ulp is 1e-3 relative
+                assert rel(r["fp16"]["weights"][n][k].float(), t.float()) <= 2e-3, (n, k)
 
 
 def test_lockstep_sampling_equals_one_process(runs, reference):
