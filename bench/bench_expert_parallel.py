@@ -1,5 +1,6 @@
-"""Expert parallelism: bytes each rank communicates per optimizer step, and the expert-LoRA bank
-each rank holds, by expert-sharing mode.
+"""Expert and data parallelism: bytes each rank communicates per optimizer step (the expert
+all-to-all with its slot ids, the dense bank's reduction), and the expert-LoRA bank each rank
+holds, by expert-sharing mode.
 
     .venv/bin/python bench/bench_expert_parallel.py            # tables at the Qwen3-30B-A3B shape
                                                                #   (+ the bank measured on a small fleet)
@@ -111,6 +112,36 @@ def comm_table(slots=16, rank=16, tokens=4096, micro_batches=4, world=8):
     print("  (no EP also needs the whole bank on every rank: the memory table below, ep=1)\n")
 
 
+# Qwen3-30B-A3B's attention linears (in, out): the dense LoRA bank every data-parallel rank holds
+ATTN = dict(q_proj=(2048, 4096), k_proj=(2048, 512), v_proj=(2048, 512), o_proj=(4096, 2048))
+
+
+def dense_slot_numel(rank: int, layers: int = SHAPE["layers"]) -> int:
+    return layers * sum(rank * (i + o) for i, o in ATTN.values())
+
+
+def dense_table(slots=16, rank=16, stepping=4, micro_batches=4, world=8):
+    """The replicated dense bank: lorafleet SUM-reduces only the stepping slots' gradients, once
+    per optimizer step (the gradient accumulates locally over micro-batches); DDP would all-reduce
+    the whole bank every backward, FSDP reduce-scatter it every backward and all-gather it every
+    forward."""
+    ring = (world - 1) / world
+    per_slot = dense_slot_numel(rank)
+    bank = slots * per_slot
+    rows = [
+        (f"lorafleet: {stepping} stepping slots, once per optimizer step", 2 * ring * stepping * per_slot * GRAD_BYTES),
+        ("DDP: all-reduce of the whole bank every backward", 2 * ring * bank * GRAD_BYTES * micro_batches),
+        ("FSDP: reduce-scatter every backward + all-gather every forward",
+         ring * bank * (GRAD_BYTES + BANK_BYTES) * micro_batches),
+    ]
+    print(f"dense LoRA bank (q/k/v/o of the same shape, {slots} slots of rank {rank}, {fmt(bank * BANK_BYTES)} in "
+          f"bf16): bytes sent per rank per optimizer step, {world} data-parallel ranks, {stepping} of {slots} "
+          f"adapters stepping, {micro_batches} micro-batches (forward_backward calls) per step")
+    for name, b in rows:
+        print(f"  {name:<66} {fmt(b)}  ({b / rows[0][1]:5.1f}x)")
+    print()
+
+
 # a scaled-down Qwen3-MoE (the 30B's hidden:inter ratio, 16 experts) whose fleet is really built
 SMALL = dict(layers=2, experts=16, top_k=4, hidden=128, inter=48)
 
@@ -162,11 +193,42 @@ def memory_table(rank=16):
 
 def measure():
     """Two gloo ranks, debug Qwen3-MoE, EP=2: the splits the dispatcher really used vs the
-    byte model's pair count (the model assumes nothing about routing here: real splits)."""
+    byte model's pair count (the model assumes nothing about routing here: real splits); then
+    data parallelism on a debug Qwen3: the dense bytes the comm object really reduced."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_measure_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_measure_dense_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+
+
+def _measure_dense_worker(rank, world, init_file):
+    import torch
+    import torch.distributed as dist
+
+    import lorafleet as lf
+    from lorafleet.distributed import ParallelismConfig, build_mesh, parallelize
+    from lorafleet.models.debug import build_debug_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = build_debug_model("qwen3", seed=0)
+    fleet = lf.Fleet(model, max_adapters=4, max_rank=8)
+    for i in range(4):
+        fleet.add_adapter(f"a{i}", lf.AdapterConfig(rank=8, target_modules=list(ATTN), seed=i))
+    comm = parallelize(fleet, build_mesh(ParallelismConfig(), device="cpu"))
+    stepping = ["a0", "a1"]
+    for _ in range(3):  # three micro-batches, one optimizer step
+        fleet.forward_backward([lf.Example(n, input_tokens=[1, 5, 6, 7], target_tokens=[5, 6, 7, 2])
+                                for n in stepping for _ in range(2)])
+    fleet.optim_step()
+    per_slot = sum(p[idx].numel() for _, p, idx in fleet.adapter_views("a0"))
+    if rank == 0:
+        print(f"dense, measured: {len(stepping)} of 4 slots stepped after 3 micro-batches: {comm.bytes_reduced} bytes "
+              f"all-reduced = {comm.bytes_reduced // (4 * per_slot)} slots x {per_slot} fp32 elements "
+              f"(the whole bank every backward would be {3 * 4 * per_slot * 4})", flush=True)
+    dist.destroy_process_group()
 
 
 def _measure_worker(rank, world, init_file):
@@ -212,6 +274,7 @@ def main(argv=None):
     ap.add_argument("--measure", action="store_true", help="also run the 2-rank gloo check")
     args = ap.parse_args(argv)
     comm_table()
+    dense_table()
     memory_table()
     if args.measure:
         measure()
