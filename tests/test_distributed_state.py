@@ -26,6 +26,8 @@ def _save_worker(rank, world, out):
 
     fleet = make_fleet("qwen3_moe")
     parallelize(fleet, init(LAYOUT, fleet.model))
+    for n in fleet.adapters:  # the same weights as one process holds: the export is the same bytes
+        fleet.save_adapter(n, Path(out) / "two-init" / n, format="vllm")
     _first_steps(fleet)
     for n in fleet.adapters:
         fleet.save_state(n, Path(out) / "two" / n)
@@ -36,6 +38,11 @@ def _save_worker(rank, world, out):
 def test_save_on_two_ranks_load_on_one_continues_identically(tmp_path):
     spawn(_save_worker, 2, tmp_path, str(tmp_path))
     ref = make_fleet("qwen3_moe")
+    for n in ref.adapters:
+        ref.save_adapter(n, tmp_path / "one-init" / n, format="vllm")
+        two = (tmp_path / "two-init" / n / "adapter_model.safetensors").read_bytes()
+        one = (tmp_path / "one-init" / n / "adapter_model.safetensors").read_bytes()
+        assert two == one, f"{n}: the 2-rank export is not byte-identical to one process's"
     _first_steps(ref)
     for n in ref.adapters:
         ref.save_state(n, tmp_path / "one" / n)
