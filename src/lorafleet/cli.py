@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 THREADS_HELP = ("torch intra-op threads; 0 = torch's default (one per core). Default: 1 for the built-in "
-                "bases, whose layers are too small to split (bench/bench_threads.py: on 2 cores one thread is "
-                "1.8x faster idle and 4.8x faster busy), torch's default for a model directory")
+                "bases, whose layers are too small to split (bench/bench_threads.py, 2 cores: as fast as "
+                "torch's default when idle, 2.1x faster beside one busy process), torch's default for a "
+                "model directory")
 
 
 def _threads(args, builtin_base: bool) -> None:
