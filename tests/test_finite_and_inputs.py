@@ -255,6 +255,23 @@ def test_add_adapter_rolls_back_on_an_error_during_slot_init(monkeypatch):
     assert same(snapshot(f, "c"), snapshot(fresh, "c"))
 
 
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_adapter_weights_are_refused(bad):
+    """add_adapter_from_weights / set_adapter_weights refuse a NaN or inf factor, naming it, and
+    change nothing."""
+    f = make_fleet()
+    w = f.get_adapter_weights("a")
+    key = next(k for k, _ in w.tensors() if k.endswith(".B"))
+    dict(w.tensors())[key][0, 0] = bad
+    before = snapshot(f, "a")
+    with pytest.raises(ValueError, match=f"adapter 'a': tensor {key} has non-finite values"):
+        f.set_adapter_weights("a", w)
+    assert same(before, snapshot(f, "a"))
+    with pytest.raises(ValueError, match=f"adapter 'c': tensor {key} has non-finite values"):
+        f.add_adapter_from_weights("c", w)
+    assert list(f.adapters) == ["a", "b"]
+
+
 # --------------------------------------------------------------- sampling params
 @pytest.mark.parametrize("field, value", [("temperature", NAN), ("temperature", INF), ("top_p", NAN),
                                           ("temperature", "1"), ("top_k", 2.5), ("max_tokens", True),
@@ -297,13 +314,12 @@ def _ep_nan_on_one_rank(rank, world):
     gradient is summed over nobody (no other rank holds it), so only rank 0 sees the nan; the
     global norm spans every shard, so both ranks must skip "a" and step "b"."""
     from distributed_helpers import examples, init
-    from lorafleet.distributed import parallelize
     from lorafleet.distributed.shards import view_shard
 
     fleet = lf.Fleet(build_debug_model("qwen3_moe", seed=0), max_adapters=2, max_rank=4)
     fleet.add_adapter("a", lf.AdapterConfig(rank=4, expert_sharing="none", seed=1))
     fleet.add_adapter("b", lf.AdapterConfig(rank=4, expert_sharing="none", seed=2))
-    parallelize(fleet, init({"expert_parallel_degree": 2}, fleet.model))
+    init({"expert_parallel_degree": 2}, fleet)
     fleet.forward_backward(examples(["a", "b"], 0, 2))
     if rank == 0:
         key, p, idx = next(v for v in fleet.adapter_views("a") if view_shard(fleet, "a", v[0], v[1]) is not None)

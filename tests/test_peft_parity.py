@@ -429,3 +429,37 @@ def test_moe_recipe_with_rslora_folds_gate_up_scale(tmp_path):
         fleet, logits = fleet_run(base, d, ids, proj)
     assert rel(logits, ref) <= TOL
     check_export(fleet, base, ref, ids, tmp_path)
+
+
+# ----------------------------------------------------------------------------- scales that cannot fold
+@pytest.mark.parametrize("alpha, pattern, match", [
+    (0, {"v_proj": 8}, "adapter's scale is 0"),
+    (8, {"v_proj": 1e300}, "non-finite"),
+])
+def test_alpha_pattern_that_cannot_fold_is_a_format_error(alpha, pattern, match, tmp_path):
+    """lora_alpha 0 with a nonzero alpha_pattern entry (no ratio to fold), or an alpha_pattern so
+    large lora_B overflows: an AdapterFormatError naming it, never a ZeroDivisionError or inf."""
+    from lorafleet.adapters.formats import AdapterFormatError
+
+    _, _, d = peft_adapter("llama", tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                             "o_proj"]))
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["lora_alpha"], cfg["alpha_pattern"] = alpha, pattern
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    fleet = lf.Fleet(base_model("llama"), max_adapters=2, max_rank=8)
+    with pytest.raises(AdapterFormatError, match=f"v_proj.*{match}"):
+        fleet.load_adapter("x", d)
+    assert fleet.adapters == {}
+
+
+def test_non_finite_adapter_tensor_is_refused(tmp_path):
+    _, _, d = peft_adapter("llama", tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    f = d / "adapter_model.safetensors"
+    ts = load_file(str(f))
+    key = sorted(k for k in ts if "lora_B" in k)[0]
+    ts[key][0, 0] = float("nan")
+    save_file(ts, str(f))
+    fleet = lf.Fleet(base_model("llama"), max_adapters=2, max_rank=8)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.B has non-finite values"):
+        fleet.load_adapter("x", d)
+    assert fleet.adapters == {}

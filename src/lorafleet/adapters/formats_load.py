@@ -413,8 +413,18 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
         sc = scales.get(key, s_ref)
         if math.isclose(sc, s_ref, rel_tol=1e-12):
             return b
-        folded.append((key if isinstance(key, str) else f"{key[0]}.{PARAM_OF_PROJ[key[1]]}", sc))
-        return (b.double() * (sc / s_ref)).to(torch.promote_types(b.dtype, torch.float32))
+        name = key if isinstance(key, str) else f"{key[0]}.{PARAM_OF_PROJ[key[1]]}"
+        if s_ref == 0:
+            raise AdapterFormatError(
+                f"{file.parent}: module {name} has LoRA scale {sc:g} but the adapter's scale is 0 (lora_alpha 0): "
+                "lorafleet has one scale per adapter and cannot fold a nonzero module scale into a zero one")
+        folded.append((name, sc))
+        out = (b.double() * (sc / s_ref)).to(torch.promote_types(b.dtype, torch.float32))
+        if not torch.isfinite(out).all():
+            raise AdapterFormatError(
+                f"{file.parent}: module {name}: its LoRA scale {sc:g} over the adapter's {s_ref:g} makes lora_B "
+                "non-finite (rank_pattern / alpha_pattern values out of range)")
+        return out
 
     dense = {p: (a, fold(p, b)) for p, (a, b) in dense.items()}
     experts = {p: {pr: (a, fold((p, pr), b)) for pr, (a, b) in d.items()} for p, d in experts.items()}

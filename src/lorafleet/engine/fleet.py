@@ -297,7 +297,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         return w
 
     def _check_weights(self, name: str, w: AdapterWeights):
-        """Every shape is checked before anything is written (a bad file changes nothing)."""
+        """Every shape is checked, and every value is finite, before anything is written (a bad
+        file changes nothing)."""
         config = w.config
         paths = set(self.target_paths(config))
         if set(w.dense) != paths:
@@ -329,6 +330,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                 if tuple(a.shape) != sa or tuple(b.shape) != sb:
                     raise ValueError(f"adapter {name!r}: {path}.{proj} has A {tuple(a.shape)} / B "
                                      f"{tuple(b.shape)}, expected {sa} / {sb}")
+        for key, t in w.tensors():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"adapter {name!r}: tensor {key} has non-finite values (NaN or inf)")
 
     @torch.no_grad()
     def set_adapter_weights(self, name: str, w: AdapterWeights) -> None:
