@@ -58,10 +58,10 @@ def run_tenants(url, keys, base, args, mode, warmup=False):
     for k in keys:
         sc = tinker.ServiceClient(base_url=url, api_key=k)
         if mode == "train":
-            clients.append((sc, sc.create_lora_training_client(base_model=base, rank=8)))
+            clients.append((sc, sc.create_lora_training_client(base_model=base, rank=8).result(60)))
         else:
             # each tenant samples its own adapter (weights saved from its own training client)
-            tc = sc.create_lora_training_client(base_model=base, rank=8)
+            tc = sc.create_lora_training_client(base_model=base, rank=8).result(60)
             clients.append((sc, tc.save_weights_and_get_sampling_client().result(60)))
     g = torch.Generator().manual_seed(0)
     data = [types.Datum(model_input=types.ModelInput.from_ints(torch.randint(3, 100, (args.seq,), generator=g).tolist()),
