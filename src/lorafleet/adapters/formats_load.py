@@ -16,6 +16,7 @@ from .formats_layouts import (
     SHARED_FACTORS, VLLM_NAMES, WEIGHTS_FILE, AdapterFormatError, fuse_gate_up, peft_read,
     proj_dims, sglang_read,
 )
+from .formats_peft_config import check_config, not_a_target, pattern_value, unsupported_parameter
 from .weights import AdapterWeights, ExpertsArch
 
 _KEY_RE = re.compile(r"^(.*)\.lora_([AB])\.weight$")
@@ -35,125 +36,6 @@ def _read_json(file: Path, required: bool) -> dict | None:
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-# PEFT 0.21 `init_lora_weights` values. These rewrite the base weights at init (PiSSA / OLoRA /
-# CorDA / LoRA-GA: W_res = W - scale·B0·A0; LoftQ: W -> a quantized W); an adapter saved without
-# conversion is only right on that modified base, never on the original one lorafleet shares.
-_CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")  # PEFT can convert them at save time
-_PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # base untouched: the file is a plain LoRA
-# LoraConfig fields that switch on a PEFT variant whose forward or training is not plain LoRA
-_VARIANT_FIELDS = {
-    "alora_invocation_tokens": "activated LoRA (aLoRA: the adapter applies only after its invocation tokens)",
-    "use_qalora": "QA-LoRA (group-pooled LoRA input)",
-    "layer_replication": "layer replication (changes the base model's layer stack)",
-    "trainable_token_indices": "trainable tokens (extra embedding rows)",
-    "use_bdlora": "BD-LoRA (block-diagonal LoRA factors)",
-    "arrow_config": "Arrow (routing between LoRA experts)",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA (sampled LoRA factors)",
-    "velora_config": "VeLoRA (compressed activations in backward)",
-}
-
-
-def _check_config(cfg: dict, file: Path):
-    def bad(field, why):
-        return AdapterFormatError(f"{file}: field {field!r} {why}")
-
-    if cfg.get("peft_type") != "LORA":
-        raise bad("peft_type", f"is {cfg.get('peft_type')!r}; only 'LORA' adapters are supported")
-    if cfg.get("use_dora"):
-        raise bad("use_dora", "is true; DoRA adapters are not supported")
-    if cfg.get("bias", "none") != "none":
-        raise bad("bias", f"is {cfg.get('bias')!r}; only 'none' is supported")
-    if cfg.get("lora_bias"):
-        raise bad("lora_bias", "is true; LoRA biases are not supported")
-    if cfg.get("modules_to_save"):
-        raise bad("modules_to_save", f"is {cfg.get('modules_to_save')!r}; fully trained modules are not supported")
-    for field, what in _VARIANT_FIELDS.items():
-        if cfg.get(field):
-            raise bad(field, f"is {cfg.get(field)!r}: PEFT's {what} is not plain LoRA; lorafleet does not implement it")
-    _check_init(cfg.get("init_lora_weights", True), bad)
-    patterns = {}
-    for field in ("rank_pattern", "alpha_pattern"):
-        pat = cfg.get(field) or {}
-        if not isinstance(pat, dict):
-            raise bad(field, f"is {pat!r}; expected an object of module pattern -> value")
-        for k, v in pat.items():
-            ok = isinstance(v, int) and v >= 1 if field == "rank_pattern" else \
-                isinstance(v, (int, float)) and math.isfinite(v)
-            if isinstance(v, bool) or not ok:
-                want = "positive integer" if field == "rank_pattern" else "finite number"
-                raise bad(field, f"entry {k!r}: {v!r} is not a {want}")
-            try:
-                re.compile(k)
-            except re.error as exc:
-                raise bad(field, f"entry {k!r} is not a valid regular expression ({exc})") from exc
-        patterns[field] = pat
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise bad("r", f"is {r!r}; expected a positive integer")
-    alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise bad("lora_alpha", f"is {alpha!r}; expected a finite number")
-    rslora = cfg.get("use_rslora", False)
-    if not isinstance(rslora, bool):
-        raise bad("use_rslora", f"is {rslora!r}; expected true or false")
-    dropout = cfg.get("lora_dropout", 0.0) or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise bad("lora_dropout", f"is {dropout!r}; expected a number in [0, 1)")
-    if dropout > 0:
-        warnings.warn(
-            f"{file}: lora_dropout={dropout:g} is not applied: lorafleet has no LoRA dropout. The adapter's "
-            "outputs are exact (PEFT applies dropout only in training), but continued training runs without "
-            "dropout, unlike PEFT's", UserWarning, stacklevel=4)
-    version = cfg.get("peft_version") or ""
-    tps = cfg.get("target_parameters") or []
-    if not isinstance(tps, list) or not all(isinstance(t, str) for t in tps):
-        raise bad("target_parameters", f"is {tps!r}; expected a list of parameter names")
-    if tps and re.match(r"^0\.19\.0(\D|$)", str(version)):
-        raise bad("peft_version", f"is {version!r}: PEFT 0.19.0 wrote target_parameters (MoE experts) "
-                  "LoRA in a known buggy layout; re-save the adapter with PEFT >= 0.19.1")
-    return r, float(alpha), rslora, str(version), tps, patterns["rank_pattern"], patterns["alpha_pattern"]
-
-
-def _check_init(init, bad) -> None:
-    """Refuse inits that modified the base weights; warn where PEFT trains differently."""
-    if isinstance(init, bool):
-        return
-    if not isinstance(init, str):
-        raise bad("init_lora_weights", f"is {init!r}; expected true, false or a PEFT init name")
-    low = init.lower()
-    if low.startswith(_CONVERTIBLE_INITS):
-        raise bad("init_lora_weights", (
-            f"is {init!r}: this init subtracts the initial LoRA from the base weights, so the saved adapter "
-            "is only right on that modified base, not on the original base model lorafleet uses (loading it "
-            "would silently give wrong outputs). Convert it in PEFT: save the untrained adapter right after "
-            "get_peft_model (model.save_pretrained(init_dir)), then save the trained one with "
-            "model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir); that writes a "
-            "plain LoRA (init_lora_weights true, rank 2r) for the original base, which loads here"))
-    if low == "loftq":
-        raise bad("init_lora_weights", (
-            "is 'loftq': LoftQ replaces the base weights by a quantized approximation and fits the adapter to "
-            "that base, so it is wrong on the original base lorafleet uses; PEFT's "
-            "path_initial_model_for_weight_conversion only converts PiSSA / OLoRA / CorDA / LoRA-GA adapters, "
-            "not LoftQ"))
-    if low == "mica":
-        warnings.warn(
-            "init_lora_weights 'mica': PEFT keeps MiCA's lora_B frozen in training; lorafleet trains A and B, "
-            "so outputs are exact but continued training differs from PEFT", UserWarning, stacklevel=5)
-        return
-    if low not in _PLAIN_INITS:
-        raise bad("init_lora_weights", f"is {init!r}: unknown init (known to be a plain LoRA: true, false, "
-                  f"{', '.join(repr(i) for i in _PLAIN_INITS)}, 'mica')")
-
-
-def _pattern(patterns: dict, key: str, default):
-    """PEFT's `get_pattern_key` lookup: the first pattern that matches the end of ``key``."""
-    for k, v in patterns.items():
-        if re.match(rf"(.*\.)?({k})$", key):
-            return v
-    return default
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +59,7 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
     cfg_file = root / CONFIG_FILE
     cfg = _read_json(cfg_file, required=True)
     meta = _read_json(root / META_FILE, required=False) or {}
-    r, alpha, rslora, version, tps, rank_pat, alpha_pat = _check_config(cfg, cfg_file)
+    r, alpha, rslora, version, tps, rank_pat, alpha_pat = check_config(cfg, cfg_file)
     raw = _load_tensors(root / WEIGHTS_FILE)
     model_type = model_type or str(meta.get("model_type") or "")
     archs = dict(experts_arch or {})
@@ -204,7 +86,7 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
     tp_parts = [(t.rpartition(".")[0], t.rpartition(".")[2]) for t in tps]
     for tp, (mp, pname) in zip(tps, tp_parts):
         if pname not in PROJ_OF_PARAM:
-            raise _unsupported_parameter(cfg_file, tp, mp, pname, pairs, archs)
+            raise unsupported_parameter(cfg_file, tp, mp, pname, pairs, archs)
 
     def arch_for(p, key):
         a = archs.get(p)
@@ -214,14 +96,14 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
         return a
 
     def key_matches(pat, key):
-        return _pattern(pat, key, None) is not None
+        return pattern_value(pat, key, None) is not None
 
     def module_rank(key):  # PEFT's rank of one module (rank_pattern), checked against the tensors
-        rm = _pattern(rank_pat, key, r)
+        rm = pattern_value(rank_pat, key, r)
         return rm, f"r={rm}" + (" (from rank_pattern)" if key_matches(rank_pat, key) else "")
 
     def module_scale(key, rm):
-        am = float(_pattern(alpha_pat, key, alpha))
+        am = float(pattern_value(alpha_pat, key, alpha))
         return am / (math.sqrt(rm) if rslora else rm)
 
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -306,48 +188,11 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
     if linear_shapes is not None:
         for stem, (a, b) in dense.items():
             if stem not in linear_shapes:
-                raise _not_a_target(root / WEIGHTS_FILE, stem, b.shape[0], archs, linear_shapes)
+                raise not_a_target(root / WEIGHTS_FILE, stem, b.shape[0], archs, linear_shapes)
 
     return _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
                    sglang_only=bool(sglang) and not per_expert, file=root / META_FILE,
                    linear_shapes=linear_shapes, archs=archs)
-
-
-_ROUTER_HINT = (
-    "a router LoRA changes which experts each token is sent to; lorafleet keeps routers frozen and cannot "
-    "apply one, so loading the rest would not reproduce the adapter. PEFT targets the router for "
-    "target_modules='all-linear' on MoE models; train with an explicit list instead, e.g. "
-    "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] "
-    "(PEFT maps gate/up/down onto the packed experts)")
-
-
-def _is_router(stem: str, out: int, archs: dict[str, ExpertsArch]) -> bool:
-    """A module whose outputs are the expert count of an experts module next to it, or one gate."""
-    parent = stem.rpartition(".")[0]
-    near = [a for p, a in archs.items() if p.rpartition(".")[0] == parent]
-    return out == 1 or any(a.num_experts == out for a in near) or stem.rsplit(".", 1)[-1] in ("gate", "router")
-
-
-def _unsupported_parameter(cfg_file, tp, mp, pname, pairs, archs) -> AdapterFormatError:
-    stems = sorted(st for st in pairs if mp and (st == mp or st.endswith("." + mp)))
-    outs = {pairs[st]["B"].shape[0] for st in stems if "B" in pairs[st]}
-    if stems and pname == "weight" and all(_is_router(st, o, archs) for st in stems for o in outs):
-        more = f" and {len(stems) - 1} more" if len(stems) > 1 else ""
-        return AdapterFormatError(f"{cfg_file}: target_parameters entry {tp!r} puts LoRA on the MoE router "
-                                  f"({stems[0]}{more}, {max(outs)} outputs): {_ROUTER_HINT}")
-    return AdapterFormatError(f"{cfg_file}: target_parameters entry {tp!r} ({pname!r}) is not supported: lorafleet "
-                              f"puts LoRA on packed experts' {' / '.join(sorted(PROJ_OF_PARAM))} only")
-
-
-def _not_a_target(file, stem, out, archs, linear_shapes) -> AdapterFormatError:
-    key = f"{PREFIX}{stem}.lora_A.weight"
-    if _is_router(stem, out, archs):
-        return AdapterFormatError(f"{file}: {key}: LoRA on the router / gate linear {stem!r} ({out} outputs): "
-                                  f"{_ROUTER_HINT}")
-    short = sorted({p.rsplit(".", 1)[-1] for p in linear_shapes})
-    return AdapterFormatError(f"{file}: {key}: unknown target module {stem!r} for this base model; lorafleet puts LoRA "
-                              f"on the decoder layers' linears ({', '.join(short)}) and packed experts only "
-                              "(not on lm_head, embeddings or routers)")
 
 
 def _read_per_expert(pfile, by_e, archs, r, model_type):
