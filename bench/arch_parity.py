@@ -110,8 +110,8 @@ def run_arch(model_type: str, checkpointing: bool = True) -> dict:
     spec = arch_spec(model)
     lin_rel = sorted({n.split(".", len(spec.layers_path.split(".")) + 1)[-1] for n, m in model.named_modules()
                       if n.startswith(spec.layers_path + ".") and isinstance(m, torch.nn.Linear)})
-    experts_ok = bool(spec.moe and spec.experts and not spec.experts_problems)
-    fleet = lf.Fleet(model, max_adapters=3, max_rank=RANK, expert_lora=experts_ok)
+    fleet = lf.Fleet(model, max_adapters=3, max_rank=RANK)  # expert LoRA where the experts are supported
+    experts_ok = fleet.expert_lora
     names = list(fleet.linear_names)
     att = fleet._att
     row = dict(arch=model_type, cls=type(model).__name__, layers=spec.layers_path, dense=names,

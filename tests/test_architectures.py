@@ -12,6 +12,7 @@ covered the same way by test_fleet_vs_peft.py.
 from __future__ import annotations
 
 import copy
+import math
 import importlib.util
 import logging
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_unsupported_experts_refused_with_module_and_what_is_missing(arch, modul
     before = copy.deepcopy(model.state_dict())
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError) as e:
-        lf.Fleet(model, max_adapters=2, max_rank=4)
+        lf.Fleet(model, max_adapters=2, max_rank=4, expert_lora=True)  # True: expert LoRA required
     msg = str(e.value)
     assert module in msg and "expert_lora=False" in msg and "has_gate" in msg, msg
     # refused before anything changed
@@ -115,6 +116,25 @@ def test_unsupported_experts_refused_with_module_and_what_is_missing(arch, modul
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     fleet = lf.Fleet(model, max_adapters=2, max_rank=4, expert_lora=False)  # dense LoRA only
     assert fleet.linear_names and not fleet._att.experts
+
+
+@pytest.mark.parametrize("arch", ["llama4_text", "dbrx"])
+def test_default_fleet_on_unsupported_experts_trains_dense_lora(arch):
+    """The default expert_lora (None) means "where the experts are supported": Llama 4 / DBRX
+    build a dense-only fleet (what the service and jobs do) and an adapter without experts trains;
+    one asking for expert LoRA is refused, saying why."""
+    fleet = lf.Fleet(tiny(arch), max_adapters=2, max_rank=4)
+    assert fleet.expert_lora is False and fleet.linear_names and not fleet._att.experts
+    with pytest.raises(ValueError, match="does not support the experts"):
+        fleet.add_adapter("e", lf.AdapterConfig(rank=4))
+    fleet.add_adapter("a", lf.AdapterConfig(rank=4, experts=False, seed=1))
+    before = {k: t.clone() for k, t in fleet.get_adapter_weights("a").tensors()}
+    toks = list(range(3, 10))
+    out = fleet.forward_backward([lf.Example("a", toks[:-1], toks[1:])])
+    assert math.isfinite(out.losses[0])
+    assert fleet.optim_step(["a"])
+    after = dict(fleet.get_adapter_weights("a").tensors())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_layouts_outside_model_layers():

@@ -28,17 +28,23 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     ``dtype``: the LoRA factors' dtype (default: the base's). A bf16 base trains in mixed precision:
     bf16 compute; fp32 loss math, gradient accumulation, AdamW moments and master weights; an
     fp16 base adds a per-adapter dynamic loss scale (see docs/precision.md).
+    ``expert_lora``: LoRA on the packed MoE experts too. None (default): where lorafleet supports
+    the model's experts (dense LoRA only on e.g. Llama 4 / DBRX); True: required (a ValueError
+    where the experts are not supported); False: off.
     """
 
     # set by `lorafleet.distributed.parallelize`: an object the engine hands its collectives to
     # (split batches, gradient sums, shard gather/slice); None runs everything in this process
     comm = None
 
-    def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool = True, dtype=None):
+    def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool | None = None,
+                 dtype=None):
         self.spec = arch_spec(model)
         self.model = model
         self.bank = SlotBank(max_adapters, max_rank)
-        self.expert_lora = expert_lora and self.spec.moe
+        if expert_lora is None:
+            expert_lora = not self.spec.experts_problems
+        self.expert_lora = bool(expert_lora) and self.spec.moe
         self._att = attach(model, self.spec, self.bank, experts=self.expert_lora, dtype=dtype)
         self._slots: dict[str, int] = {}
         self._configs: dict[str, AdapterConfig] = {}
@@ -55,6 +61,16 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     def linear_names(self) -> list[str]:
         """Short names of the linears an adapter can target (``target_modules`` values)."""
         return sorted(self._att.linear_names)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The decoder without the LM head (what returns ``last_hidden_state``): ``base_model``,
+        or the decoder layers' parent where ``base_model_prefix`` names no submodule (Llama 4's
+        ``Llama4ForCausalLM`` says 'language_model' but holds ``model``)."""
+        bm = self.model.base_model
+        if bm is self.model and "." in self.spec.layers_path:
+            bm = self.model.get_submodule(self.spec.layers_path.rsplit(".", 1)[0])
+        return bm
 
     @property
     def max_adapters(self) -> int:
@@ -103,9 +119,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                 f"adapter {name!r}: rank {config.rank} is above this fleet's max_rank {self.bank.max_rank}"
             )
         if config.experts and self.spec.moe and not self.expert_lora:
-            raise ValueError(
-                f"adapter {name!r} asks for expert LoRA but the fleet was built with expert_lora=False"
-            )
+            why = "the fleet was built with expert_lora=False" if not self.spec.experts_problems else (
+                f"this fleet has none: lorafleet does not support the experts of {self.spec.model_type} "
+                f"({self.spec.experts_problems[0][0]}: {self.spec.experts_problems[0][1]})")
+            raise ValueError(f"adapter {name!r} asks for expert LoRA but {why}; use AdapterConfig(experts=False)")
         paths = self.target_paths(config)
         if not paths and not self.expert_paths(config):
             raise ValueError(f"adapter {name!r} targets nothing in {self.spec.model_type}")
