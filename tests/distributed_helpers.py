@@ -64,16 +64,13 @@ def spawn(fn, world: int, tmp_path, *args, timeout: float = 120.0) -> list:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def init(parallelism: dict | None = None, model=None):
-    """Join the group; build the mesh (validated against ``model``)."""
-    from lorafleet.distributed import ParallelismConfig, build_mesh, init_process_group
-    from lorafleet.distributed.failure import start_heartbeat
-    from lorafleet.distributed.mesh import model_num_experts
+def init(parallelism: dict | None, fleet):
+    """Join the group and parallelize ``fleet`` (`lorafleet.distributed.launch.launch`, gloo);
+    its comm. A later fleet of the same layout reuses the mesh: ``parallelize(f, comm.mesh)``."""
+    from lorafleet.distributed import ParallelismConfig
+    from lorafleet.distributed.launch import launch
 
-    cfg = ParallelismConfig.from_dict(parallelism or {})
-    init_process_group(cfg.timeout_s, device="cpu")
-    start_heartbeat()
-    return build_mesh(cfg, model_num_experts(model) if model is not None else None, device="cpu")
+    return launch(ParallelismConfig.from_dict(parallelism or {}), fleet, device="cpu")
 
 
 # --------------------------------------------------------------------------- the scenario

@@ -18,8 +18,9 @@ def _worker(rank, world, layouts):
         fleet = make_fleet(arch)
         key = tuple(sorted(parallelism.items()))
         if key not in mesh_cache:
-            mesh_cache[key] = init(parallelism, fleet.model)
-        parallelize(fleet, mesh_cache[key])
+            mesh_cache[key] = init(parallelism, fleet).mesh
+        else:
+            parallelize(fleet, mesh_cache[key])
         out[(arch, key)] = train_steps(fleet)
     return out
 

@@ -117,8 +117,7 @@ def _two_ranks(rank, world, out):
     from lorafleet.distributed import parallelize
 
     fleet = make_fleet("qwen3_moe")
-    mesh = init(EP2, fleet.model)
-    parallelize(fleet, mesh)
+    mesh = init(EP2, fleet).mesh
     first_steps(fleet)
     for n in fleet.adapters:
         fleet.save_state(n, Path(out) / "two" / n)
@@ -135,16 +134,14 @@ def _two_ranks(rank, world, out):
 
 
 def _four_ranks(rank, world, out):
-    from lorafleet.distributed import parallelize
-
     fleet = make_fleet("qwen3_moe")
     slots = {n: fleet.slot_of(n) for n in fleet.adapters}
-    parallelize(fleet, init(EP2_DP2, fleet.model))
+    init(EP2_DP2, fleet)
     load_checkpoint(fleet, Path(out) / "two", slots)
     resumed = continuation(fleet)
 
     fleet = make_fleet("qwen3_moe")
-    parallelize(fleet, init(FSDP2_EP2, fleet.model))
+    init(FSDP2_EP2, fleet)
     return {"resumed": resumed, "fsdp_ep": train_steps(fleet)}
 
 

@@ -22,10 +22,8 @@ def _first_steps(fleet):
 
 
 def _save_worker(rank, world, out):
-    from lorafleet.distributed import parallelize
-
     fleet = make_fleet("qwen3_moe")
-    parallelize(fleet, init(LAYOUT, fleet.model))
+    init(LAYOUT, fleet)
     for n in fleet.adapters:  # the same weights as one process holds: the export is the same bytes
         fleet.save_adapter(n, Path(out) / "two-init" / n, format="vllm")
     _first_steps(fleet)
@@ -72,10 +70,10 @@ def _dying_worker(rank, world, port, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
-    from lorafleet.distributed import DistributedFailure, parallelize
+    from lorafleet.distributed import DistributedFailure
 
     fleet = make_fleet("qwen3")
-    parallelize(fleet, init({"timeout_s": 20}, fleet.model))
+    init({"timeout_s": 20}, fleet)
     fleet.forward_backward(examples(["a"], 1, 2))
     if rank == 1:
         os._exit(0)  # dies between steps, without a word
@@ -117,8 +115,16 @@ def test_degrees_are_checked_with_one_clear_message():
         with pytest.raises(ValueError, match=msg):
             ParallelismConfig(**kw).resolve(world, experts)
     for bad, msg in [({"data_parallel_shard_degree": 0}, "integer >= 1 or -1"),
-                     ({"expert_parallel_degree": True}, "integer >= 1 or -1"),
+                     ({"expert_parallel_degree": True},
+                      r"^parallelism.expert_parallel_degree: expected an integer, got True$"),
+                     ({"timeout_s": "soon"}, r"^parallelism.timeout_s: expected a number, got 'soon'$"),
                      ({"data_parallel_shard_degree": -1}, "at most one degree may be -1"),
-                     ({"tensor_parallel_degree": 2}, "unknown field"), ({"timeout_s": 0}, "timeout_s")]:
-        with pytest.raises(ValueError, match=msg):
+                     ({"tensor_parallel_degree": 2}, r"unknown parallelism field\(s\): \['tensor_parallel_degree'\]"),
+                     ({"timeout_s": 0}, "timeout_s")]:
+        with pytest.raises(ValueError, match=msg) as e:
             ParallelismConfig.from_dict(bad)
+        assert "\n" not in str(e.value)
+    # numbers as a YAML or a CLI gives them: ``1e3`` (a string in YAML 1.1), an integral float
+    assert ParallelismConfig.from_dict({"timeout_s": "1e3", "expert_parallel_degree": 2.0}) == \
+        ParallelismConfig(expert_parallel_degree=2, timeout_s=1000.0)
+    assert ParallelismConfig.from_dict({"timeout_s": 1e3}).timeout_s == 1000.0

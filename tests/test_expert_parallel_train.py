@@ -15,14 +15,12 @@ LAYOUT = {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2}
 
 
 def _run(rank, world, checkpointing, out_dir):
-    from lorafleet.distributed import parallelize
-
     fleet = make_fleet("qwen3_moe")
     if checkpointing:
         fleet.model.gradient_checkpointing_enable()
         fleet.model.train()
     if world > 1:
-        parallelize(fleet, init(LAYOUT, fleet.model))
+        init(LAYOUT, fleet)
         m = next(iter(fleet._att.experts.values()))
         assert m.num_local_experts == m.num_experts // 2 and m.token_dispatcher is not None
     rec = train_steps(fleet)

@@ -128,7 +128,7 @@ def _serve(args) -> int:
                   cross_tenant_batching=not args.one_tenant_per_step)
     parallelism = {k: v for k in PARALLELISM_FLAGS if (v := getattr(args, "parallelism." + k)) is not None}
     if parallelism or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 serves, the others follow
-        from .distributed.serve import serve_on_ranks
+        from .service.ranks import serve_on_ranks
 
         return serve_on_ranks(parallelism or None, **kwargs)
     from .service.server import serve

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 
-from .failure import start_heartbeat
-from .mesh import ParallelismConfig, build_mesh, init_process_group, launched_by_torchrun, model_num_experts
-from .parallelize import parallelize
+from .launch import fleet_num_experts, launch, torchrun_world
+from .mesh import ParallelismConfig, launched_by_torchrun
 
 
 def distribute_job(job, fleet):
@@ -22,16 +21,14 @@ def distribute_job(job, fleet):
     config names a ``parallelism``; returns the comm (None: a single-process run, as always).
     Degrees are checked against the world before any collective, so all ranks fail alike."""
     spec = getattr(job.cfg, "parallelism", None)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    world = torchrun_world()
     if spec is None and world == 1:
         return None
     config = ParallelismConfig.from_dict(spec)
-    config.resolve(world, model_num_experts(fleet.model))  # before the first collective
     if world == 1:
+        config.resolve(1, fleet_num_experts(fleet))  # a degree > 1 needs torchrun: one line
         return None  # every degree is 1: nothing to distribute
-    init_process_group(config.timeout_s)
-    start_heartbeat()
-    comm = parallelize(fleet, build_mesh(config, model_num_experts(fleet.model)))
+    comm = launch(config, fleet)
     if not comm.is_writer:
         silence(job)
     return comm

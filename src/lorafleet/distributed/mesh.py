@@ -2,7 +2,7 @@
 
 Every rank runs the same program (SPMD, launched by ``torchrun``). Everything that can be wrong
 with the degrees is checked by `ParallelismConfig.resolve` from numbers every rank has (the
-world size, the model's expert count) *before* the first collective, so a bad config fails on
+world size, the fleet's expert count) *before* the first collective, so a bad config fails on
 every rank with the same message instead of leaving the others waiting in a collective.
 """
 
@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..utils.values import strict_from_dict
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
 DEFAULT_TIMEOUT_S = 300.0  # a dead or stuck rank ends the others' collectives after this long
@@ -47,14 +49,9 @@ class ParallelismConfig:
 
     @staticmethod
     def from_dict(d: dict | None) -> "ParallelismConfig":
-        d = {} if d is None else d
-        if not isinstance(d, dict):
-            raise ValueError(f"parallelism must be a mapping of degrees, got {type(d).__name__}")
-        names = {f.name for f in fields(ParallelismConfig)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"parallelism: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        return ParallelismConfig(**d)
+        """From a config's ``parallelism:`` mapping (None: the defaults); numbers read as people
+        write them (``timeout_s: 1e3``), a bad value or an unknown key one line."""
+        return strict_from_dict(ParallelismConfig, {} if d is None else d, "parallelism")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,24 +142,18 @@ class Mesh:
 def build_mesh(config: ParallelismConfig | None = None, num_experts: int | None = None,
                device: str | None = None) -> Mesh:
     """Validate ``config`` against the world (before any collective), then build the mesh.
-    Call after `init_process_group`."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+    Call after `init_process_group` (`launch.launch` does both, in order)."""
     config = config or ParallelismConfig()
     if not dist.is_initialized():
         raise ValueError("build_mesh needs a process group: launch with torchrun (or call init_process_group)")
-    degrees = config.resolve(dist.get_world_size(), num_experts)
+    return mesh_of(config.resolve(dist.get_world_size(), num_experts), config.timeout_s, device)
+
+
+def mesh_of(degrees: dict[str, int], timeout_s: float, device: str | None = None) -> Mesh:
+    """The mesh of already resolved ``degrees`` (`ParallelismConfig.resolve`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     kind = device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     dm = init_device_mesh(kind, tuple(degrees[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
     dev = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-    return Mesh(dm, degrees, dev, float(config.timeout_s))
-
-
-def model_num_experts(model) -> int | None:
-    """The base's expert count (None for a dense base), read from its config the same way on every rank."""
-    cfg = getattr(model, "config", None)
-    for k in ("num_experts", "num_local_experts", "n_routed_experts"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    return Mesh(dm, degrees, dev, float(timeout_s))

@@ -25,7 +25,7 @@ def parallelize(fleet, mesh: Mesh, *, reshard_after_forward: bool = True) -> Fle
     added before or after; call it once, on every rank, before training."""
     if fleet.comm is not None:
         raise ValueError("this fleet is already parallelized")
-    blocks = _decoder_blocks(fleet.model) if mesh.degrees["dp_shard"] > 1 else None  # check before any collective
+    blocks = _decoder_blocks(fleet) if mesh.degrees["dp_shard"] > 1 else None  # check before any collective
     fleet.model.to(mesh.device)
     if mesh.degrees["ep"] > 1:
         if not fleet._att.experts:
@@ -42,11 +42,14 @@ def parallelize(fleet, mesh: Mesh, *, reshard_after_forward: bool = True) -> Fle
     return comm
 
 
-def _decoder_blocks(model) -> list[torch.nn.Module]:
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
+def _decoder_blocks(fleet) -> list[torch.nn.Module]:
+    """The decoder layers where `models.structure.discover` found them (``fleet.spec.layers_path``:
+    ``model.layers``, ``gpt_neox.layers``, ``transformer.blocks``, ...)."""
+    path = fleet.spec.layers_path
+    layers = fleet.model.get_submodule(path)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise ValueError(f"parallelism: data_parallel_shard_degree > 1 needs a decoder with a `layers` list; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"parallelism: data_parallel_shard_degree > 1 needs a list of decoder layers; "
+                         f"{type(fleet.model).__name__}.{path} is a {type(layers).__name__}")
     return list(layers)
 
 

@@ -19,6 +19,8 @@ follower's wait never times out. Failures:
   (`EngineLost`) instead of hanging, and tells live followers to leave (exit 1), after which
   torchrun stops the job; a restarted service recovers from its store and checkpoints.
 
+The launch (rank 0 serving, the others following) is `lorafleet.service.ranks.serve_on_ranks`.
+
 Files: the fleet writes on rank 0 only; a checkpoint being loaded is read by every rank, so with
 several nodes ``--data-dir`` must be the same path on a shared filesystem.
 """
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import threading
 import time
 from datetime import timedelta
@@ -244,96 +244,3 @@ def _to_wire(v):
 
 def _from_wire(v, device):
     return _map_tensors(v, lambda w: w.restore(device), _WireTensor)
-
-
-# ------------------------------------------------------------------ launch (cli.py's `serve`)
-def serve_on_ranks(parallelism: dict | None, **serve_kwargs) -> int:
-    """`lorafleet serve` under torchrun: rank 0 serves, the other ranks follow. Without torchrun
-    (one rank) the degrees must all be 1 and this is the plain single-process server."""
-    from ..service.server import check_keys, serve
-    from .mesh import ParallelismConfig, launched_by_torchrun
-
-    config = ParallelismConfig.from_dict(parallelism)
-    world = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
-    if world == 1:
-        config.resolve(1)  # a degree > 1 needs torchrun: one line, as for `lorafleet train`
-        serve(**serve_kwargs)
-        return 0
-    check_keys(serve_kwargs.get("host", "127.0.0.1"), serve_kwargs.get("api_keys"))  # every rank refuses alike
-    if int(os.environ["RANK"]) != 0:
-        return _follower(config, serve_kwargs)
-    proxy: list[BroadcastFleet] = []
-
-    def wrap(fleet):  # Service calls this once its fleet exists, before it makes any engine call
-        proxy.append(BroadcastFleet(fleet, _join(config, world, fleet)))
-        return proxy[0]
-
-    previous = signal.signal(signal.SIGTERM, _stop)
-    released = False
-    try:
-        serve(**serve_kwargs, wrap_fleet=wrap)
-    except (KeyboardInterrupt, _Stopped):  # a requested stop: the service closed, release the followers
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        released = bool(proxy) and proxy[0].shutdown()
-        _leave()
-    others = "the other ranks were released" if released else "the other ranks were gone"
-    print(f"lorafleet serve: stopped (rank 0 of {world}; {others})", flush=True)
-    return 0
-
-
-class _Stopped(BaseException):
-    """SIGTERM on rank 0. uvicorn stops serving on it, then raises it again once it has
-    restored the handlers: by default that would end the process before the followers hear."""
-
-
-def _stop(signum, frame):
-    raise _Stopped()
-
-
-def _follower(config, kw: dict) -> int:
-    from ..service.core import ServiceConfig, new_fleet
-    from ..service.server import load_service_base
-
-    model, tok, _, _ = load_service_base(kw.get("base"), log_fn=lambda *a, **k: None)
-    fleet = new_fleet(model, tok, ServiceConfig(**{k: kw[k] for k in ("max_adapters", "max_rank") if k in kw}))
-    channel = _join(config, int(os.environ["WORLD_SIZE"]), fleet)
-    # rank 0 ends the service (torchrun and a terminal signal it too) and then releases us:
-    # stopping here first would fail the requests still running
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda *a: None)
-    try:
-        rc = follow(fleet, channel)
-    finally:
-        _leave()
-    if rc == 0:
-        print(f"lorafleet serve: stopped (rank {channel.rank} of {channel.world})", flush=True)
-    return rc
-
-
-def _join(config, world: int, fleet) -> CommandChannel:
-    """Every rank, once its fleet is built (same base, same slots): the degrees checked against
-    the model before the first collective (so all ranks fail alike), the group, the mesh,
-    `parallelize`, the command channel."""
-    from .failure import start_heartbeat
-    from .mesh import build_mesh, init_process_group, model_num_experts
-    from .parallelize import parallelize
-
-    degrees = config.resolve(world, model_num_experts(fleet.model))
-    init_process_group(config.timeout_s)
-    start_heartbeat()
-    parallelize(fleet, build_mesh(config, model_num_experts(fleet.model)))
-    channel = CommandChannel(config.timeout_s)
-    if channel.rank == 0:
-        print(f"lorafleet serve: {world} ranks ({', '.join(f'{k}={v}' for k, v in degrees.items())}); rank 0 "
-              "serves HTTP and every rank runs each engine call", flush=True)
-    return channel
-
-
-def _leave() -> None:
-    from .failure import stop_heartbeat
-
-    stop_heartbeat()
-    if dist.is_initialized():
-        dist.destroy_process_group()
