@@ -26,6 +26,8 @@ import os
 import sys
 import tempfile
 
+from lorafleet.lora.experts import SHARED_FACTORS  # (gate_up A, gate_up B, down A, down B) per mode
+
 # Qwen3-30B-A3B's MoE shape
 SHAPE = dict(layers=48, experts=128, top_k=8, hidden=2048, inter=768)
 ACT_BYTES = 2  # bf16 activations
@@ -38,11 +40,6 @@ def per_expert_numel(shape, rank) -> dict[str, int]:
     return {"gate_up.A": rank * H, "gate_up.B": I2 * rank, "down.A": rank * I, "down.B": H * rank}
 
 
-SHARED = {  # (gate_up A, gate_up B, down A, down B), as lora/experts.py SHARED_FACTORS
-    "none": (False, False, False, False),
-    "shared_a": (True, False, True, False),
-    "shared_outer": (True, False, False, True),
-}
 
 
 def slot_bank_bytes(shape, rank, mode, ep, stored_once: bool) -> int:
@@ -51,7 +48,7 @@ def slot_bank_bytes(shape, rank, mode, ep, stored_once: bool) -> int:
     (replicated on every EP rank) and only the per-expert factors sliced."""
     E_local = shape["experts"] // ep
     total = 0
-    for (key, n), shared in zip(per_expert_numel(shape, rank).items(), SHARED[mode]):
+    for (key, n), shared in zip(per_expert_numel(shape, rank).items(), SHARED_FACTORS[mode]):
         total += n * (1 if (shared and stored_once) else E_local)
     return total * shape["layers"] * BANK_BYTES
 
@@ -164,7 +161,6 @@ def measured_slot_bytes(shape, rank, mode, ep) -> int:
     for m in fleet._att.experts.values():
         local = m.num_experts // ep
         m.narrow_experts(0, local, keep_shared_grad=True)
-        m.expert_start, m.num_local_experts = 0, local
         total += m.bank_bytes()
     return total
 
@@ -176,7 +172,7 @@ def memory_table(rank=16):
           "after: the row pools, a shared factor once per slot (30B: formula; small: measured)")
     print(f"  {'mode':<13}{'ep':>4}{'30B before':>14}{'30B after':>14}{'saved':>8}"
           f"{'small before':>15}{'small measured':>16}{'saved':>8}")
-    for mode in SHARED:
+    for mode in SHARED_FACTORS:
         for ep in (1, 2, 8):
             today = slot_bank_bytes(shape, rank, mode, ep, stored_once=False)
             once = slot_bank_bytes(shape, rank, mode, ep, stored_once=True)
@@ -243,7 +239,7 @@ def _measure_worker(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = build_debug_model("qwen3_moe", seed=0)
     fleet = lf.Fleet(model, max_adapters=3, max_rank=8)
-    for i, mode in enumerate(SHARED):
+    for i, mode in enumerate(SHARED_FACTORS):
         fleet.add_adapter(mode, lf.AdapterConfig(rank=8, experts=True, expert_sharing=mode, seed=i))
     apply_expert_parallel(fleet, dist.group.WORLD)
     T = 64

@@ -73,6 +73,30 @@ def init(parallelism: dict | None, fleet):
     return launch(ParallelismConfig.from_dict(parallelism or {}), fleet, device="cpu")
 
 
+def ep_full_grads(fleet, distributed: bool = True) -> dict:
+    """Every adapter view's gradient, whole, keyed (adapter, view key): summed over the ranks the
+    engine sums it over (`shards.reduce_group`) and gathered when the view is sharded
+    (`shards.view_shard`); one collective per view, in the same order on every rank.
+    ``distributed=False``: a single-process fleet's own gradients."""
+    import torch.distributed as dist
+
+    from lorafleet.distributed.shards import WORLD, reduce_group, view_shard
+
+    out = {}
+    for name in fleet.adapters:
+        for key, p, idx in fleet.adapter_views(name):
+            g = p.grad[idx].clone() if p.grad is not None else torch.zeros_like(p[idx])
+            if distributed:
+                group = reduce_group(fleet, name, key, p)
+                if group is not None:
+                    dist.all_reduce(g, group=None if group == WORLD else group)
+                tag = view_shard(fleet, name, key, p)
+                if tag is not None:
+                    g = tag.gather(g)
+            out[name, key] = g
+    return out
+
+
 # --------------------------------------------------------------------------- the scenario
 # eps 1e-4: with 1e-6 Adam turns the sign of near-zero gradient entries (|g| ~ eps, where
 # any reordering of a sum flips it) into full +-lr steps: a single process splitting its batch

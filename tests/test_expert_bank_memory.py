@@ -6,17 +6,16 @@ gives, survives save/load, and under EP=2 (gloo) equals one process."""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lorafleet as lf
 from lorafleet.distributed.expert_parallel import apply_expert_parallel
+from lorafleet.distributed.shards import view_shard
 from lorafleet.lora.experts import FACTORS, SHARED_FACTORS
 from lorafleet.models.debug import build_debug_model
+from distributed_helpers import ep_full_grads, spawn
 from peft_ref import fleet_grads, peft_alone, peft_grads, randomize, rel
 
 MODES = ("none", "shared_a", "shared_outer")
@@ -74,11 +73,10 @@ def rand_views(fleet, name, seed, std=0.2):
     the same values): works on a fleet sliced by `apply_expert_parallel` without a comm."""
     g = torch.Generator().manual_seed(seed)
     for key, p, idx in fleet.adapter_views(name):
-        tag, v = getattr(p, "_lorafleet_shard", None), p[idx]
-        sharded = tag is not None and tag.is_sharded(idx)
-        shape = (tag.global_size, *v.shape[1:]) if sharded else v.shape
+        tag, v = view_shard(fleet, name, key, p), p[idx]
+        shape = (tag.global_size, *v.shape[1:]) if tag is not None else v.shape
         full = torch.randn(shape, generator=g) * std
-        p[idx] = tag.slice(full) if sharded else full
+        p[idx] = tag.slice(full) if tag is not None else full
 
 
 def churn(fleet, sizes=None):
@@ -244,30 +242,12 @@ def ep_build(ep_group=None):
     return fleet
 
 
-def ep_full_grads(fleet, world):
-    out = {}
-    for name in fleet.adapters:
-        for key, p, idx in fleet.adapter_views(name):
-            g = p.grad[idx].clone() if p.grad is not None else torch.zeros_like(p[idx])
-            tag = getattr(p, "_lorafleet_shard", None)
-            if world is not None:
-                if tag is None:
-                    dist.all_reduce(g)
-                else:
-                    for group in tag.reduce_groups(idx):
-                        dist.all_reduce(g, group=group)
-                    if tag.is_sharded(idx):
-                        g = tag.gather(g)
-            out[name, key] = g
-    return out
-
-
 def case_ep2(rank, world):
     ref = ep_build()
     ids, proj = batch(ref.model, EP_ROWS)
     ref_out = ref.forward(ids, adapters=EP_ROWS).logits
     (ref_out * proj).sum().backward()
-    ref_grads = ep_full_grads(ref, None)
+    ref_grads = ep_full_grads(ref, distributed=False)
     ref_w = {n: dict(ref.get_adapter_weights(n).tensors()) for n in ref.adapters}
 
     ep = ep_build(dist.group.WORLD)
@@ -278,29 +258,23 @@ def case_ep2(rank, world):
     out = ep.forward(ids[rows], adapters=[EP_ROWS[i] for i in rows]).logits
     (out * proj[rows]).sum().backward()
     assert rel(out.detach(), ref_out.detach()[rows]) <= 1e-5
-    grads = ep_full_grads(ep, world)
+    grads = ep_full_grads(ep)
     assert grads.keys() == ref_grads.keys()
     for k, g in ref_grads.items():
         assert rel(grads[k], g) <= 1e-5 or (g.abs().max() == 0 and grads[k].abs().max() == 0), k
     for n, w in ref_w.items():
         got = {}
         for key, p, idx in ep.adapter_views(n):
-            tag = getattr(p, "_lorafleet_shard", None)
+            tag = view_shard(ep, n, key, p)
             v = p[idx].detach()
-            got[key] = tag.gather(v) if tag is not None and tag.is_sharded(idx) else v
+            got[key] = tag.gather(v) if tag is not None else v
         assert all(torch.equal(got[k], w[k]) for k in w), n
 
 
-def _worker(rank, world, init_file, case):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        globals()[case](rank, world)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, case):
+    dist.init_process_group("gloo")  # torchrun's environment, set by `spawn`; it leaves the group
+    globals()[case](rank, world)
 
 
-def test_ep2_churned_pools_equal_one_process():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), "case_ep2"), nprocs=2, join=True)
+def test_ep2_churned_pools_equal_one_process(tmp_path):
+    spawn(_worker, 2, tmp_path, "case_ep2")

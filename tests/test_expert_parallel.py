@@ -9,16 +9,14 @@ expert-DP=2 (4 processes) runs through the engine in test_expert_parallel_train.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lorafleet as lf
-from lorafleet.distributed.expert_parallel import apply_expert_parallel, shard_of
+from distributed_helpers import ep_full_grads, spawn
+from lorafleet.distributed.expert_parallel import apply_expert_parallel
 from lorafleet.models.debug import build_debug_model
 
 ADAPTERS = {  # name -> config: every expert mode, mixed ranks, one attention-only adapter
@@ -71,29 +69,6 @@ def step(fleet, rows):
     return out.detach()
 
 
-def full_grads(fleet, world_group=None):
-    """Every adapter's gradient, whole: dense and shared factors summed over the ranks, per-expert
-    shards reduced over their replicas and gathered over the EP group (one collective per view,
-    same order on every rank)."""
-    out = {}
-    for name in fleet.adapters:
-        for key, p, idx in fleet.adapter_views(name):
-            g = p.grad[idx].clone() if p.grad is not None else torch.zeros_like(p[idx])
-            tag = shard_of(p)
-            if world_group is None:
-                out[name, key] = g
-                continue
-            if tag is None:
-                dist.all_reduce(g, group=world_group)
-            else:
-                for group in tag.reduce_groups(idx):
-                    dist.all_reduce(g, group=group)
-                if tag.is_sharded(idx):
-                    g = tag.gather(g)
-            out[name, key] = g
-    return out
-
-
 _REFERENCE = {}
 
 
@@ -104,7 +79,7 @@ def reference(arch, hook, late):
         ref = build(arch, False, hook, late=late)
         if late:
             ref.add_adapter("late", LATE)
-        _REFERENCE[key] = step(ref, list(range(len(ROWS)))), full_grads(ref)
+        _REFERENCE[key] = step(ref, list(range(len(ROWS)))), ep_full_grads(ref, distributed=False)
     return _REFERENCE[key]
 
 
@@ -120,7 +95,7 @@ def compare(arch, checkpointing=False, hook=None, rows_of=None, ep_group=None, d
     out = step(ep, rows) if rows else None
     if not rows:  # this rank has no rows at all: it still joins every collective
         step(ep, [1])  # a base row: outputs unused
-    grads = full_grads(ep, dist.group.WORLD)
+    grads = ep_full_grads(ep)
     if rows:
         assert rel(out, ref_out[rows]) <= 1e-5, (arch, rel(out, ref_out[rows]))
     assert grads.keys() == ref_grads.keys()
@@ -174,25 +149,19 @@ def indivisible():
     assert all(m.num_local_experts == 3 and m.token_dispatcher is None for m in fleet._att.experts.values())
 
 
-def _worker(rank, world, init_file, case):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        globals()[case](rank)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, case):
+    dist.init_process_group("gloo")  # torchrun's environment, set by `spawn`; it leaves the group
+    globals()[case](rank)
 
 
-def run(world, case):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init"), case), nprocs=world, join=True)
+def run(world, case, tmp_path):
+    spawn(_worker, world, tmp_path, case)
 
 
-def test_ep2_mixed_batches_and_skew():
-    run(2, "case_mixed_qwen3")
+def test_ep2_mixed_batches_and_skew(tmp_path):
+    run(2, "case_mixed_qwen3", tmp_path)
 
 
-def test_ep2_transposed_biased_and_shared_experts():
-    run(2, "case_archs")
+def test_ep2_transposed_biased_and_shared_experts(tmp_path):
+    run(2, "case_archs", tmp_path)
 

@@ -74,11 +74,9 @@ class ExpertAllToAll:
     def __call__(self, m: MultiLoRAExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         N, K = top_k_index.shape
-        H, E, El, S = hidden.shape[-1], m.num_experts, m.num_local_experts, m.bank.max_adapters
+        E, El, S = m.num_experts, m.num_local_experts, m.bank.max_adapters
         dev = hidden.device
-        expert = top_k_index.reshape(-1).long()
-        m.check_experts(expert)
-        pair_tok = torch.arange(N, device=dev).repeat_interleave(K)
+        expert, pair_tok = m._pairs(top_k_index)
         slot = m.pair_slots(pair_tok, N)
         if slot is None:  # this rank has no expert-LoRA rows; peers still expect the slot ids
             slot = torch.full_like(expert, -1)
@@ -101,7 +99,4 @@ class ExpertAllToAll:
         perm_local, expert_sorted, offsets, lora = m.plan(local_expert, slot_recv)
         o = m.grouped_products(x[perm_local], expert_sorted, offsets, lora)[inverse(perm_local)]
         o = _AllToAll.apply(o, anchor, send_splits, recv_splits, self.group)
-
-        o = o * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(o.dtype)
-        # deterministic reduction over k, as the single-process forward
-        return o[inverse(perm)].view(N, K, H).sum(dim=1).to(hidden.dtype)
+        return m._combine(o, perm, top_k_weights, N, K, hidden.dtype)  # as the single-process forward

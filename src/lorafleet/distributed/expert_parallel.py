@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..lora.experts import FACTORS, SHARED_FACTORS, MultiLoRAExperts
+from ..lora.experts import FACTOR_INDEX, FACTORS, SHARED_FACTORS, MultiLoRAExperts
 from .expert_dispatch import ExpertAllToAll
 
 __all__ = ["ExpertShard", "apply_expert_parallel", "shard_of"]
@@ -35,13 +35,13 @@ class ExpertShard:
       other tokens; a per-expert gradient is SUM-reduced over it (None: no replicas). It needs no
       reduction over ``shard_group``: every token routed to an expert arrived at its owner.
 
-    **Shared factors** (`is_sharded(idx)` is False: the slot's ``expert_sharing`` shares this
+    **Shared factors** (`shards.view_shard` gives None: the slot's ``expert_sharing`` shares this
     factor across experts, e.g. gate_up A of a ``shared_a`` slot) are not sharded. The factor
     is one pool row on every EP rank, a replica kept identical (same init, same reduced
     gradient, same AdamW step); each rank's gradient there only covers the tokens its own
     experts processed, so it is SUM-reduced over ``shard_group`` *and* ``replicate_group``
-    (`reduce_groups`) — the whole expert world, the same ranks a dense factor is reduced over
-    when EP is carved out of data parallelism. Its norm counts once (no sum across shards), and
+    (`shards.reduce_group`: every rank) — the whole expert world, the same ranks a dense
+    factor is reduced over when EP is carved out of data parallelism. Its norm counts once (no sum across shards), and
     it is saved and loaded as is. Why a row in the same pool rather than a separate parameter:
     one step mixes adapters of every mode, and the grouped LoRA kernel takes one stacked A and
     one B per projection, addressed by factor row.
@@ -53,17 +53,6 @@ class ExpertShard:
         self.shard_group, self.replicate_group = shard_group, replicate_group
         self.global_size = module.num_experts
         self.local_range = (module.expert_start, module.expert_start + module.num_local_experts)
-
-    def is_sharded(self, idx) -> bool:
-        """Whether ``param[idx]`` (an `adapter_views` index; its first entry is the slot's row
-        range) is this rank's shard, or a replica of a shared factor."""
-        owner = self.module.row_owner(self.factor, idx[0].start)
-        return owner is None or not owner[1]
-
-    def reduce_groups(self, idx) -> list:
-        """Groups to SUM the gradient of ``param[idx]`` over, in order (None dropped)."""
-        groups = [self.replicate_group] if self.is_sharded(idx) else [self.shard_group, self.replicate_group]
-        return [g for g in groups if g is not None]
 
     def _dim(self, t: torch.Tensor) -> int:
         if t.dim() not in (self.ndim, self.ndim - 1):
@@ -120,7 +109,6 @@ def apply_expert_parallel(fleet, ep_group, expert_dp_group=None) -> None:
         # per-expert slots keep their local rows, shared factors their one row (a replica); a
         # pending shared gradient is counted once, on EP rank 0
         m.narrow_experts(start, local, keep_shared_grad=rank == 0)
-        m.expert_start, m.num_local_experts = start, local
         for i, (_, name) in enumerate(FACTORS):
             getattr(m, name)._lorafleet_shard = ExpertShard(m, i, ep_group, replicate)
         m.token_dispatcher = ExpertAllToAll(ep_group)
@@ -150,7 +138,7 @@ def _narrow_train_state(fleet, rank: int) -> None:
                 m = experts.get(path)
                 if m is None:
                     continue
-                i = [k for k, _ in FACTORS].index(f"{proj}.{suffix}")
+                i = FACTOR_INDEX[f"{proj}.{suffix}"]
                 if not shared[i]:
                     store[key] = store[key][m.expert_start:m.expert_start + m.num_local_experts].clone()
                 elif is_grad and rank != 0:

@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..lora.experts import SHARED_FACTORS
+from ..lora.experts import FACTOR_INDEX, SHARED_FACTORS
 
 TAG = "_lorafleet_shard"
-# adapter_views key suffix -> index into SHARED_FACTORS' tuples
-_FACTOR_INDEX = {"gate_up.A": 0, "gate_up.B": 1, "down.A": 2, "down.B": 3}
 
 WORLD = "world"  # reduce-group key of a replicated factor: SUM over every rank
 
@@ -29,7 +27,7 @@ def view_shard(fleet, name: str, key: str, param):
     if tag is None:
         return None
     suffix = ".".join(key.rsplit(".", 2)[-2:])
-    i = _FACTOR_INDEX.get(suffix)
+    i = FACTOR_INDEX.get(suffix)
     if i is not None and SHARED_FACTORS[fleet.adapters[name].expert_sharing][i]:
         return None  # a shared factor: one replica per rank
     return tag

@@ -44,6 +44,8 @@ SHARED_FACTORS = {
 }
 # (adapter_views key suffix, parameter name), in SHARED_FACTORS order
 FACTORS = (("gate_up.A", "gate_up_A"), ("gate_up.B", "gate_up_B"), ("down.A", "down_A"), ("down.B", "down_B"))
+# either spelling of a factor (key suffix or parameter name) -> its index in FACTORS / SHARED_FACTORS
+FACTOR_INDEX = {name: i for i, pair in enumerate(FACTORS) for name in pair}
 
 
 class MultiLoRAExperts(nn.Module):
@@ -94,16 +96,8 @@ class MultiLoRAExperts(nn.Module):
     def slot_part(self, name: str, t: torch.Tensor, slot: int) -> torch.Tensor:
         """``slot``'s rows of pool ``name`` (e.g. "gate_up_A") in ``t`` (the pool or its grad):
         ``[experts or 1, ...]``, empty when the slot holds no rows."""
-        factor = [n for _, n in FACTORS].index(name)
-        rows = self._rows[factor].get(slot)
+        rows = self._rows[FACTOR_INDEX[name]].get(slot)
         return t[0:0] if rows is None else t[rows[0]:rows[0] + rows[1]]
-
-    def row_owner(self, factor: int, row: int) -> tuple[int, bool] | None:
-        """(slot, shared) owning ``row`` of a factor's pool, None for a free row."""
-        for s, (r0, n, shared) in self._rows[factor].items():
-            if r0 <= row < r0 + n:
-                return s, shared
-        return None
 
     def bank_bytes(self) -> int:
         """Bytes the four factor pools allocate (their gradients, when present, as many again)."""
@@ -192,12 +186,18 @@ class MultiLoRAExperts(nn.Module):
     def narrow_experts(self, start: int, n: int, keep_shared_grad: bool) -> None:
         """Keep experts ``[start, start + n)`` of the held ones in every pool (expert
         parallelism): a per-expert slot keeps those ``n`` rows, a shared factor its one row (a
-        replica; its pending gradient only where ``keep_shared_grad``)."""
+        replica; its pending gradient only where ``keep_shared_grad``). The module then holds
+        experts ``expert_start .. expert_start + num_local_experts - 1`` of ``num_experts``."""
+        if start < 0 or n < 1 or start + n > self.num_local_experts:
+            raise ValueError(f"{self.path}: cannot keep experts [{start}, {start + n}) of the "
+                             f"{self.num_local_experts} held")
+
         def keep(s, r0, k, shared):
             return (r0, 1, True, keep_shared_grad) if shared else (r0 + start, n, False, True)
 
         for i in range(len(FACTORS)):
             self._repack(i, keep=keep)
+        self.expert_start, self.num_local_experts = self.expert_start + start, n
 
     @torch.no_grad()
     def init_slot(self, slot: int, rank: int, sharing: str, gen: torch.Generator) -> None:
@@ -274,15 +274,25 @@ class MultiLoRAExperts(nn.Module):
         if self.token_dispatcher is not None:
             return self.token_dispatcher(self, hidden_states, top_k_index, top_k_weights)
         N, K = top_k_index.shape
-        H = hidden_states.shape[-1]
-        expert = top_k_index.reshape(-1).long()
-        self.check_experts(expert)
-        pair_tok = torch.arange(N, device=top_k_index.device).repeat_interleave(K)
+        expert, pair_tok = self._pairs(top_k_index)
         perm, expert_sorted, offsets, lora = self.plan(expert, self.pair_slots(pair_tok, N))
         o = self.grouped_products(hidden_states[pair_tok[perm]], expert_sorted, offsets, lora)
+        return self._combine(o, perm, top_k_weights, N, K, hidden_states.dtype)
+
+    def _pairs(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (token, k) pairs of a routing, flattened: each pair's expert (checked) and token."""
+        N, K = top_k_index.shape
+        expert = top_k_index.reshape(-1).long()
+        self.check_experts(expert)
+        return expert, torch.arange(N, device=top_k_index.device).repeat_interleave(K)
+
+    @staticmethod
+    def _combine(o: torch.Tensor, perm: torch.Tensor, top_k_weights: torch.Tensor, N: int, K: int,
+                 dtype) -> torch.Tensor:
+        """Expert outputs ``o`` of the pairs in ``perm`` order -> ``[N, H]``: weighted by the
+        router scores, then summed over k in a fixed order (as HF's grouped path, no atomics)."""
         o = o * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(o.dtype)
-        # deterministic reduction over k (as HF's grouped path), no atomics
-        return o[inverse(perm)].view(N, K, H).sum(dim=1).to(hidden_states.dtype)
+        return o[inverse(perm)].view(N, K, o.shape[-1]).sum(dim=1).to(dtype)
 
     def extra_repr(self) -> str:
         local = "" if self.num_local_experts == self.num_experts else \
