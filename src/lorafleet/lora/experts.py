@@ -234,14 +234,19 @@ class MultiLoRAExperts(nn.Module):
         key_sorted, perm = torch.sort(key, stable=True)
         counts = torch.bincount(key_sorted, minlength=E * (S + 1)).view(E, S + 1).tolist()  # one sync
         expert_offsets, lora = [0], {"gate_up": [], "down": []}
+        per_slot: dict[int, tuple] = {}  # slot -> (rank, scale, per factor: (row of expert 0, row step per expert))
         pos = 0
         for e in range(E):
             for s1, n in enumerate(counts[e]):
                 if n and s1 > 0:
                     s = s1 - 1
-                    info = self.bank.info(s)
-                    r, sc = info.rank, info.scale
-                    ix = [self.factor_index(s, e, f) for f in range(4)]
+                    if s not in per_slot:  # once per slot and plan, in factor_index's error order
+                        info = self.bank.info(s)
+                        row0 = [self.factor_index(s, 0, f) for f in range(4)]
+                        rows = [(r0, self.factor_index(s, 1, f) - r0) for f, r0 in zip(range(4), row0)]
+                        per_slot[s] = info.rank, info.scale, rows
+                    r, sc, rows = per_slot[s]
+                    ix = [r0 + step * e for r0, step in rows]
                     lora["gate_up"].append(Segment(pos, pos + n, ix[0], ix[1], r, sc))
                     lora["down"].append(Segment(pos, pos + n, ix[2], ix[3], r, sc))
                 pos += n
@@ -267,7 +272,7 @@ class MultiLoRAExperts(nn.Module):
 
     def check_experts(self, expert: torch.Tensor) -> None:
         E = self.num_experts
-        if expert.numel() and (int(expert.max()) >= E or int(expert.min()) < 0):
+        if expert.numel() and not 0 <= (lo_hi := torch.stack(torch.aminmax(expert)).tolist())[0] <= lo_hi[1] < E:  # one sync
             raise ValueError(f"{self.path}: router chose an expert id outside [0, {E})")
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
