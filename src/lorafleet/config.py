@@ -20,7 +20,14 @@ class AdapterConfig:
     expert_sharing: ``"none"`` (per-expert A and B), ``"shared_a"`` (one A per projection shared
         by all experts of a layer, per-expert B), ``"shared_outer"`` (``gate_up`` A and ``down`` B
         shared, the inner factors per expert: the SGLang / Megatron-Bridge contract).
-    seed: seeds A's Kaiming-uniform init; B always starts at zero.
+    seed: seeds A's Kaiming-uniform init; B always starts at zero. It also seeds the adapter's
+        dropout masks.
+    lora_dropout: PEFT's ``lora_dropout``: dropout with probability p on the input of the dense
+        LoRA (``B @ A @ dropout(x)``), only while the model is in train mode (``model.train()``),
+        with masks drawn from the adapter's seed and forward count (reproducible, independent of
+        the other adapters in a batch). Expert LoRA has none (as in PEFT).
+    layers_to_transform: PEFT's ``layers_to_transform``: decoder layer indices the adapter's
+        LoRA (dense and experts) is restricted to; None: every layer.
     """
 
     rank: int = 8
@@ -30,10 +37,27 @@ class AdapterConfig:
     expert_sharing: str = "none"
     use_rslora: bool = False
     seed: int = 0
+    lora_dropout: float = 0.0
+    layers_to_transform: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        p = self.lora_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"AdapterConfig.lora_dropout must be a number in [0, 1), got {p!r}")
+        object.__setattr__(self, "lora_dropout", float(p))
+        lt = self.layers_to_transform
+        if lt is not None:
+            if isinstance(lt, int) and not isinstance(lt, bool):
+                lt = (lt,)
+            if isinstance(lt, (str, bytes)) or not hasattr(lt, "__iter__"):
+                raise ValueError(f"AdapterConfig.layers_to_transform must be a list of layer indices, got {lt!r}")
+            lt = tuple(lt)
+            if not lt or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt):
+                raise ValueError("AdapterConfig.layers_to_transform must be a non-empty list of layer indices "
+                                 f"(integers >= 0) or None, got {self.layers_to_transform!r}")
+            object.__setattr__(self, "layers_to_transform", tuple(sorted(set(lt))))
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"AdapterConfig.rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
@@ -70,12 +94,14 @@ class AdapterConfig:
         return {
             "rank": self.rank, "alpha": self.alpha, "target_modules": tm if isinstance(tm, str) else list(tm),
             "experts": self.experts, "expert_sharing": self.expert_sharing, "use_rslora": self.use_rslora,
-            "seed": self.seed,
+            "seed": self.seed, "lora_dropout": self.lora_dropout,
+            "layers_to_transform": None if self.layers_to_transform is None else list(self.layers_to_transform),
         }
 
     @staticmethod
     def from_dict(d: dict) -> "AdapterConfig":
-        allowed = {"rank", "alpha", "target_modules", "experts", "expert_sharing", "use_rslora", "seed"}
+        allowed = {"rank", "alpha", "target_modules", "experts", "expert_sharing", "use_rslora", "seed",
+                   "lora_dropout", "layers_to_transform"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown adapter field(s) {unknown}; allowed: {sorted(allowed)}")

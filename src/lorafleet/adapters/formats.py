@@ -97,7 +97,8 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
         arch = archs[p]
         if format == "peft":
             m = _LAYER_RE.search(p)
-            suffix = m.group(1) if m else p
+            # layer-restricted: full paths (PEFT's layers_to_transform does not restrict target_parameters)
+            suffix = m.group(1) if m and cfg.layers_to_transform is None else p
             for i, proj in enumerate(projs_used):
                 target_parameters.add(f"{suffix}.{PARAM_OF_PROJ[proj]}")
                 if proj in projs:  # gate_up registered first -> wrapped first -> inner (.base_layer)
@@ -131,7 +132,7 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
         "target_modules": sorted(target_modules),
         "use_rslora": bool(cfg.use_rslora),
         "bias": "none",
-        "lora_dropout": 0.0,
+        "lora_dropout": _number(cfg.lora_dropout),
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "use_dora": False,
@@ -145,6 +146,9 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
     }
     if target_parameters:
         adapter_config["target_parameters"] = sorted(target_parameters)
+    if cfg.layers_to_transform is not None:
+        adapter_config["layers_to_transform"] = list(cfg.layers_to_transform)
+        adapter_config["layers_pattern"] = weights.layers_path.rsplit(".", 1)[-1] or "layers"
     meta = {"format": format, "expert_sharing": cfg.expert_sharing, "model_type": weights.model_type,
             "rank": r, "lorafleet_version": LORAFLEET_VERSION}
     _write_dir(Path(path), tensors, adapter_config, meta)

@@ -16,7 +16,7 @@ from .formats_layouts import (
     SHARED_FACTORS, VLLM_NAMES, WEIGHTS_FILE, AdapterFormatError, fuse_gate_up, peft_read,
     proj_dims, sglang_read,
 )
-from .formats_peft_config import check_config, not_a_target, pattern_value, unsupported_parameter
+from .formats_peft_config import check_config, not_a_target, pattern_value, peft_layer_index, unsupported_parameter
 from .weights import AdapterWeights, ExpertsArch
 
 _KEY_RE = re.compile(r"^(.*)\.lora_([AB])\.weight$")
@@ -302,8 +302,9 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
 
     dense = {p: pad(a, b, 0, 1) for p, (a, b) in dense.items()}
     experts = {p: {pr: pad(a, b, 1, 2) for pr, (a, b) in d.items()} for p, d in experts.items()}
+    layers = _native_layers(cfg, dense, experts, linear_shapes)
     if linear_shapes is not None:
-        _complete(dense, experts, found_arch, big_r, linear_shapes, archs or {})
+        _complete(dense, experts, found_arch, big_r, linear_shapes, archs or {}, layers, cfg.get("layers_pattern"))
 
     mode = meta.get("expert_sharing")
     if mode is None and sglang_only and shared_dims:
@@ -330,13 +331,31 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
 
     targets = tuple(sorted({p.rsplit(".", 1)[-1] for p in dense}))
     config = AdapterConfig(rank=big_r, alpha=alpha, target_modules=targets, experts=bool(experts),
-                           expert_sharing=mode, use_rslora=rslora)
+                           expert_sharing=mode, use_rslora=rslora, lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+                           layers_to_transform=layers)
     return AdapterWeights(config=config, dense=dense, experts=experts, model_type=model_type,
                           base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
                           experts_arch={p: found_arch[p] for p in experts})
 
 
-def _complete(dense, experts, found_arch, rank, linear_shapes, archs) -> None:
+def _native_layers(cfg, dense, experts, linear_shapes) -> tuple[int, ...] | None:
+    """The file's ``layers_to_transform`` as the adapter's own restriction, where every module the
+    file holds lies in those layers (PEFT does not restrict ``target_parameters`` by it: a file with
+    experts LoRA in other layers keeps the unrestricted, zero-filled form). Indices the base does
+    not have are dropped (PEFT matches nothing there)."""
+    lt = cfg.get("layers_to_transform")
+    if lt is None or lt == []:
+        return None
+    lt = {lt} if isinstance(lt, int) else set(lt)
+    pattern = cfg.get("layers_pattern")
+    if any(peft_layer_index(p, pattern) not in lt for p in list(dense) + list(experts)):
+        return None
+    if linear_shapes is not None:
+        lt &= {peft_layer_index(p, pattern) for p in linear_shapes}
+    return tuple(sorted(lt)) or None
+
+
+def _complete(dense, experts, found_arch, rank, linear_shapes, archs, layers=None, pattern=None) -> None:
     """Zero LoRA (A = B = 0) for the base's modules the file leaves out (``layers_to_transform``, a
     regex ``target_modules``, one experts projection only): the fleet gives an adapter every linear
     of its target names and every experts module. A zero pair has zero gradients, so it stays zero
@@ -347,12 +366,17 @@ def _complete(dense, experts, found_arch, rank, linear_shapes, archs) -> None:
     if ref is None:
         return
     short = {p.rsplit(".", 1)[-1] for p in dense}
+    def kept(p):  # the adapter's own layers_to_transform: nothing outside is filled
+        return layers is None or peft_layer_index(p, pattern) in layers
+
     for p, (fin, fout) in linear_shapes.items():
-        if p not in dense and p.rsplit(".", 1)[-1] in short:
+        if p not in dense and p.rsplit(".", 1)[-1] in short and kept(p):
             dense[p] = (ref.new_zeros(rank, fin), ref.new_zeros(fout, rank))
     if not experts:
         return
     for p, arch in archs.items():
+        if not kept(p):
+            continue
         d = experts.setdefault(p, {})
         found_arch.setdefault(p, arch)
         for proj in PROJS:

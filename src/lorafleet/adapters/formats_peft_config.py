@@ -77,11 +77,14 @@ def check_config(cfg: dict, file: Path):
     dropout = cfg.get("lora_dropout", 0.0) or 0.0
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise bad("lora_dropout", f"is {dropout!r}; expected a number in [0, 1)")
-    if dropout > 0:
-        warnings.warn(
-            f"{file}: lora_dropout={dropout:g} is not applied: lorafleet has no LoRA dropout. The adapter's "
-            "outputs are exact (PEFT applies dropout only in training), but continued training runs without "
-            "dropout, unlike PEFT's", UserWarning, stacklevel=4)
+    lt = cfg.get("layers_to_transform")
+    if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool) and lt >= 0) and not (
+            isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt)):
+        raise bad("layers_to_transform", f"is {lt!r}; expected a layer index or a list of layer indices")
+    lp = cfg.get("layers_pattern")
+    if lp is not None and not isinstance(lp, str) and not (
+            isinstance(lp, list) and all(isinstance(p, str) for p in lp)):
+        raise bad("layers_pattern", f"is {lp!r}; expected a string or a list of strings")
     version = cfg.get("peft_version") or ""
     tps = cfg.get("target_parameters") or []
     if not isinstance(tps, list) or not all(isinstance(t, str) for t in tps):
@@ -90,6 +93,20 @@ def check_config(cfg: dict, file: Path):
         raise bad("peft_version", f"is {version!r}: PEFT 0.19.0 wrote target_parameters (MoE experts) "
                   "LoRA in a known buggy layout; re-save the adapter with PEFT >= 0.19.1")
     return r, float(alpha), rslora, str(version), tps, patterns["rank_pattern"], patterns["alpha_pattern"]
+
+
+def peft_layer_index(key: str, layers_pattern) -> int | None:
+    """PEFT 0.21's decoder layer index of module ``key`` (``check_target_module_exists``): the
+    first ``<layers_pattern>.<n>.``, or without a pattern the first numbered segment."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        m = None
+        for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
 
 
 def _check_init(init, bad) -> None:

@@ -43,6 +43,7 @@ class AdapterWeights:
     model_type: str = ""
     base_model_name_or_path: str = ""
     experts_arch: dict[str, ExpertsArch] = field(default_factory=dict)
+    layers_path: str = "model.layers"  # where the decoder layers are (PEFT's layers_pattern)
 
     def tensors(self):
         """Yield (key, tensor) for every factor; keys are stable and unique."""

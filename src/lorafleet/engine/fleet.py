@@ -101,10 +101,22 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                     f"available: {sorted(available)}"
                 )
             wanted = set(config.target_modules)
-        return [p for p, m in self._att.linears.items() if m.short_name in wanted]
+        return [p for p, m in self._att.linears.items() if m.short_name in wanted and self._in_layers(p, config)]
 
     def expert_paths(self, config: AdapterConfig) -> list[str]:
-        return list(self._att.experts) if (config.experts and self.expert_lora) else []
+        if not (config.experts and self.expert_lora):
+            return []
+        return [p for p in self._att.experts if self._in_layers(p, config)]
+
+    def layer_index(self, path: str) -> int | None:
+        """The decoder layer index of a module path (None: outside the decoder layers)."""
+        prefix = self.spec.layers_path + "."
+        head = path[len(prefix):].split(".", 1)[0] if path.startswith(prefix) else ""
+        return int(head) if head.isdigit() else None
+
+    def _in_layers(self, path: str, config: AdapterConfig) -> bool:
+        lt = config.layers_to_transform
+        return lt is None or self.layer_index(path) in lt
 
     def _validate(self, name, config: AdapterConfig, slot: int | None = None):
         self._check_alive()
@@ -123,6 +135,12 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                 f"this fleet has none: lorafleet does not support the experts of {self.spec.model_type} "
                 f"({self.spec.experts_problems[0][0]}: {self.spec.experts_problems[0][1]})")
             raise ValueError(f"adapter {name!r} asks for expert LoRA but {why}; use AdapterConfig(experts=False)")
+        if config.layers_to_transform is not None:
+            n = len(self.model.get_submodule(self.spec.layers_path))
+            bad = [i for i in config.layers_to_transform if i >= n]
+            if bad:
+                raise ValueError(f"adapter {name!r}: layers_to_transform {bad} outside the model's {n} decoder "
+                                 f"layers (0..{n - 1})")
         paths = self.target_paths(config)
         if not paths and not self.expert_paths(config):
             raise ValueError(f"adapter {name!r} targets nothing in {self.spec.model_type}")
@@ -172,7 +190,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         fixed module order, so an adapter's init does not depend on its slot or on neighbours."""
         gen = torch.Generator().manual_seed(config.seed) if config is not None else None
         r = config.rank if config is not None else 0
-        use_experts = config is not None and bool(self.expert_paths(config))
+        exp_paths = set(self.expert_paths(config)) if config is not None else set()
         for m in self._att.linears.values():
             for p in m.parameters(recurse=False):
                 p[slot].zero_()
@@ -184,7 +202,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
             m.enabled[slot] = path in paths
             if path in paths:
                 m.lora_A[slot, :r] = kaiming_uniform_A((r, m.in_features), gen, m.lora_A.dtype, m.lora_A.device)
-        for m in self._att.experts.values():
+        for path, m in self._att.experts.items():
+            use_experts = path in exp_paths
             m.enabled[slot] = use_experts
             if use_experts:
                 m.init_slot(slot, r, config.expert_sharing, gen)
@@ -235,12 +254,29 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     def run_routed(self, module, row_slots: list[int], *, input_ids: torch.Tensor, **kwargs):
         """Call ``module`` (the model or its backbone) on rows already laid out adapter-major;
         ``row_slots[i]`` is row i's slot (-1: base model)."""
-        routing = Routing.from_row_slots(row_slots, input_ids.device)
+        routing = Routing.from_row_slots(row_slots, input_ids.device, self._dropout_plan(row_slots))
         self._wrap_checkpointing()
         with use_routing(routing):
             return module(input_ids=input_ids, **kwargs)
 
     __call__ = forward
+
+    def _dropout_plan(self, row_slots: list[int]) -> dict[int, tuple[float, int, int]]:
+        """slot -> (p, seed, counter) for this forward's adapters with ``lora_dropout`` > 0 while the
+        model is in train mode (as PEFT: ``model.train()`` turns dropout on). Each such adapter's
+        counter advances once per forward it takes part in, so its masks depend on its own seed and
+        history only; the counter is part of its train state (save_state / load_state)."""
+        if not self.model.training:
+            return {}
+        plan = {}
+        for slot in sorted(set(row_slots) - {-1}):
+            name = self.bank.slots[slot].name
+            config = self._configs[name]
+            if config.lora_dropout > 0:
+                st = self._train[name]
+                plan[slot] = (config.lora_dropout, config.seed, st.dropout_step)
+                st.dropout_step += 1
+        return plan
 
     def _wrap_checkpointing(self):
         for m in self.model.modules():
@@ -291,7 +327,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         masters = self._train[name].adam.master
         w = AdapterWeights(self._configs[name], model_type=self.spec.model_type,
                            base_model_name_or_path=str(getattr(self.model.config, "_name_or_path", "") or ""),
-                           experts_arch=self.experts_arch())
+                           experts_arch=self.experts_arch(), layers_path=self.spec.layers_path)
         pairs: dict[tuple[str, str | None], list] = {}
         for key, p, idx in self.adapter_views(name):
             path, which = key.rsplit(".", 1)  # which: "A" | "B"

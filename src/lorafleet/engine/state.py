@@ -5,7 +5,8 @@ Directory layout::
 
     state.json          {"format": "lorafleet-state", "version": 1, "adapter": {...},
                          "optim": {...}, "step": n, "pending": bool, "extra": {...},
-                         "loss_scale": {...} (fp16: the adapter's LossScaler, if any)}
+                         "loss_scale": {...} (fp16: the adapter's LossScaler, if any),
+                         "dropout_step": n (lora_dropout: train-mode forwards so far, if any)}
     tensors.safetensors weight/<key>, exp_avg/<key>, exp_avg_sq/<key>, grad/<key> (if pending),
                         master/<key> (fp32 master copies of bf16/fp16 weights, if any)
 
@@ -56,6 +57,8 @@ class StateMixin:
                 "optim": st.optim.to_dict(), "step": st.adam.step, "pending": st.pending, "extra": extra or {}}
         if st.scaler is not None:
             meta["loss_scale"] = st.scaler.to_dict()
+        if st.dropout_step:
+            meta["dropout_step"] = st.dropout_step
         if self.comm is None or self.comm.is_writer:
             with atomic_dir(path) as tmp:
                 save_file(tensors, str(tmp / TENSORS_FILE))
@@ -71,6 +74,9 @@ class StateMixin:
         config = AdapterConfig.from_dict(meta["adapter"])
         optim = OptimConfig.from_dict(meta["optim"])
         scaler = LossScaler.from_dict(meta["loss_scale"]) if meta.get("loss_scale") is not None else None
+        dropout_step = meta.get("dropout_step", 0)
+        if not isinstance(dropout_step, int) or isinstance(dropout_step, bool) or dropout_step < 0:
+            raise ValueError(f"{path}: checkpoint field 'dropout_step' is {dropout_step!r}, not a count")
         exists = name in self.adapters
         if exists and self._configs[name].to_dict() != config.to_dict():
             raise ValueError(f"{path}: checkpoint of adapter config {config.to_dict()} does not match "
@@ -128,6 +134,7 @@ class StateMixin:
                 adam.exp_avg[k] = tensors[f"exp_avg/{k}"].to(dev)
                 adam.exp_avg_sq[k] = tensors[f"exp_avg_sq/{k}"].to(dev)
         st.optim, st.adam, st.pending, st.grad_acc = optim, adam, bool(meta["pending"]), grad_acc
+        st.dropout_step = dropout_step
         return meta.get("extra", {})
 
     def _full_shape(self, name: str, key: str, param, view) -> tuple:
@@ -142,9 +149,12 @@ class StateMixin:
         for path, m in self._att.linears.items():
             if path in paths:
                 out[f"{path}.A"], out[f"{path}.B"] = (r, m.in_features), (m.out_features, r)
-        if self.expert_paths(config):
+        exp_paths = set(self.expert_paths(config))
+        if exp_paths:
             n = [1 if sh else None for sh in SHARED_FACTORS[config.expert_sharing]]
             for path, m in self._att.experts.items():
+                if path not in exp_paths:
+                    continue
                 E = m.num_experts
                 out[f"{path}.gate_up.A"] = (n[0] or E, r, m.hidden_size)
                 out[f"{path}.gate_up.B"] = (n[1] or E, m.up_out, r)

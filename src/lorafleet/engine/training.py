@@ -32,6 +32,7 @@ class AdapterTrainState:
     # fp32 gradient sums of low-precision factors (keys of adapter_views), while pending
     grad_acc: dict[str, torch.Tensor] = field(default_factory=dict)
     scaler: LossScaler | None = None  # dynamic loss scale (fp16 only)
+    dropout_step: int = 0  # train-mode forwards so far: the counter of the adapter's dropout masks
 
 
 @dataclass

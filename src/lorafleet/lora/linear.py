@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -19,6 +20,17 @@ def kaiming_uniform_A(shape, generator, dtype, device):
     bound = 1.0 / math.sqrt(fan_in)  # gain(sqrt 5) * sqrt(3 / fan_in) == 1 / sqrt(fan_in)
     t = torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
     return t.to(device=device, dtype=dtype)
+
+
+def dropout_noise(shape, p: float, seed: int, counter: int, path: str, dtype, device) -> torch.Tensor:
+    """nn.Dropout's multiplier for one adapter's tokens at one layer: 0 with probability ``p``,
+    else ``1 / (1 - p)`` (computed as ``F.dropout`` does: a Bernoulli(1 - p) mask divided by
+    1 - p). Drawn from a generator seeded by (adapter seed, forward counter, layer path) only:
+    the same for a recompute, and independent of the other adapters in the batch."""
+    h = hashlib.blake2b(f"{seed}:{counter}:{path}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
+    keep = torch.rand(shape, generator=gen, device=device, dtype=torch.float32) >= p
+    return keep.to(dtype).div_(1.0 - p)
 
 
 class MultiLoRALinear(nn.Module):
@@ -77,6 +89,9 @@ class MultiLoRALinear(nn.Module):
         segs = self.segments(routing, flat.shape[0])
         if not segs:
             return self.base_layer(x)
+        drop = routing.dropout if self.training else {}
+        if any(s.a_index in drop for s in segs):  # PEFT: lora_B(lora_A(dropout(x))); the base sees x
+            return self._forward_dropout(x, flat, segs, drop)
         mode = dispatch.fuse_base()
         if mode != "off" and self._fusable(flat):
             base = self.base_layer
@@ -84,6 +99,25 @@ class MultiLoRALinear(nn.Module):
             return y.view(*x.shape[:-1], -1)
         y = self.base_layer(x)
         delta = dispatch.segment_lora(flat, self.lora_A, self.lora_B, segs)
+        return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
+
+    def _forward_dropout(self, x, flat, segs, drop):
+        """Unfused: the LoRA input of each dropping segment is ``x * dropout_noise`` (the others'
+        is ``x``)."""
+        pieces, at = [], 0
+        for s in segs:
+            if s.a_index in drop:
+                p, seed, counter = drop[s.a_index]
+                if s.start > at:
+                    pieces.append(flat[at:s.start])
+                seg = flat[s.start:s.end]
+                pieces.append(seg * dropout_noise(seg.shape, p, seed, counter, self.path, seg.dtype, seg.device))
+                at = s.end
+        if at < flat.shape[0]:
+            pieces.append(flat[at:])
+        xd = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        y = self.base_layer(x)
+        delta = dispatch.segment_lora(xd, self.lora_A, self.lora_B, segs)
         return y + delta.view(*y.shape[:-1], -1).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -25,10 +25,14 @@ class Routing:
     num_rows: int
     row_slots: torch.Tensor  # [num_rows] int64, -1 for base-model rows
     row_segments: tuple[tuple[int, int, int], ...]  # (slot, first_row, end_row), slot >= 0
+    # LoRA dropout of this forward: slot -> (p, seed, counter) for the slots whose dense LoRA
+    # drops inputs (train mode, p > 0). Part of the routing, so an activation-checkpoint
+    # recompute (RoutingCheckpoint) draws the very same masks.
+    dropout: dict = field(default_factory=dict, compare=False)
     _by_width: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def from_row_slots(row_slots: list[int], device) -> "Routing":
+    def from_row_slots(row_slots: list[int], device, dropout: dict | None = None) -> "Routing":
         """Rows must already be grouped by slot (adapter-major)."""
         segments, start = [], 0
         for i in range(1, len(row_slots) + 1):
@@ -38,7 +42,8 @@ class Routing:
                 start = i
         slots = sorted({s for s, _, _ in segments})
         assert len(slots) == len(segments), f"rows are not adapter-major: {row_slots}"
-        return Routing(len(row_slots), torch.tensor(row_slots, dtype=torch.long, device=device), tuple(segments))
+        return Routing(len(row_slots), torch.tensor(row_slots, dtype=torch.long, device=device), tuple(segments),
+                       dict(dropout or {}))
 
     @property
     def slots(self) -> tuple[int, ...]:
