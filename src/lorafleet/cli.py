@@ -120,12 +120,27 @@ PARALLELISM_FLAGS = {
     "timeout_s": (float, "seconds before a dead or stuck rank fails the engine (default 300)")}
 
 
+# `serve` limits: (type, default, help); the defaults are ServiceConfig's (tests/test_service_hardening.py checks)
+SERVE_LIMITS = {
+    "max_body_bytes": (int, 64 * 1024 * 1024, "request bodies over this answer 413 (zstd bodies: decompressed)"),
+    "max_samples": (int, 128, "most num_samples of one sample request"),
+    "max_sample_tokens": (int, 4096, "most max_tokens of one sample request"),
+    "max_tokens_per_datum": (int, 32768, "most tokens of one forward_backward datum"),
+    "session_timeout_s": (float, 300.0, "a session without heartbeats this long is finished (0: never)"),
+    "slot_wait_s": (float, 60.0, "a sample waits this long for an adapter slot for its weights, then fails"),
+    "health_stall_s": (float, 600.0, "healthz answers 503 once the scheduler shows no life this long"),
+    "shutdown_grace_s": (float, 30.0, "SIGTERM: seconds for open requests, then for queued and running work"),
+    "header_timeout_s": (float, 30.0, "a connection whose request headers take longer is dropped"),
+}
+
+
 def _serve(args) -> int:
     _threads(args, builtin_base=args.base is None or not Path(args.base).is_dir())
     kwargs = dict(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
                   max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
                   dataset_roots=args.dataset_root, store=args.store,
-                  cross_tenant_batching=not args.one_tenant_per_step)
+                  cross_tenant_batching=not args.one_tenant_per_step,
+                  **{k: getattr(args, k) for k in SERVE_LIMITS})
     parallelism = {k: v for k in PARALLELISM_FLAGS if (v := getattr(args, "parallelism." + k)) is not None}
     if parallelism or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 serves, the others follow
         from .service.ranks import serve_on_ranks
@@ -202,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where sessions, jobs and metrics live (default: DATA_DIR/lorafleet.db)")
     s.add_argument("--one-tenant-per-step", action="store_true",
                    help="turn cross-tenant batching off (time-sharing; only for comparisons, see bench/)")
+    for name, (type_, default, help_) in SERVE_LIMITS.items():
+        s.add_argument("--" + name.replace("_", "-"), type=type_, default=default, metavar="S" if type_ is float else "N",
+                       help=f"{help_} (default: {default})")
     for name, (type_, help_) in PARALLELISM_FLAGS.items():  # under torchrun, see docs/distributed.md
         s.add_argument(f"--parallelism.{name}", type=type_, metavar="S" if type_ is float else "N", help=help_)
     s.set_defaults(fn=_serve)

@@ -9,8 +9,12 @@ request a previous server process accepted but never finished (the SDK retries o
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import math
+import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +30,31 @@ from .store import Invalid, NotFound
 
 log = logging.getLogger("lorafleet.service")
 API = "/api/v1"
+# the request being served, for log lines (see `RequestContext` and server.configure_logging)
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("lorafleet_request_id", default="-")
+request_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("lorafleet_tenant", default="-")
+
+
+def json_safe(x):
+    """``x`` with every non-finite float replaced by None (JSON has no inf / nan)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that never fails on a non-finite float (reported as null)."""
+
+    def render(self, content) -> bytes:
+        try:
+            return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:
+            return json.dumps(json_safe(content), ensure_ascii=False, allow_nan=False,
+                              separators=(",", ":")).encode()
 
 
 class _TooLarge(Exception):
@@ -80,11 +109,12 @@ async def _send_json(send, status: int, body: dict):
 
 
 def _err(status: int, msg: str) -> JSONResponse:
-    return JSONResponse({"error": msg, "detail": msg}, status_code=status)
+    return SafeJSONResponse({"error": msg, "detail": msg}, status_code=status)
 
 
 def create_app(service: Service, auth: Authenticator) -> FastAPI:
-    app = FastAPI(title="lorafleet", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lorafleet", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=SafeJSONResponse)
     app.state.service = service
     limit = service.config.max_body_bytes
 
@@ -124,7 +154,10 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         if key is None:
             a = request.headers.get("authorization", "")
             key = a[7:] if a.lower().startswith("bearer ") else None
-        return auth.tenant_for(key, request.client.host if request.client else None)
+        tenant = auth.tenant_for(key, request.client.host if request.client else None)
+        request.scope.setdefault("state", {})["tenant"] = tenant  # for the metrics and log lines
+        request_tenant.set(tenant)
+        return tenant
 
     async def body_json(request: Request) -> dict:
         raw = await _body(request)
@@ -134,6 +167,8 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Invalid(f"request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise Invalid("request body is JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise Invalid("request body must be a JSON object")
         return data
@@ -143,18 +178,37 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         if request.headers.get("content-encoding", "").lower() == "zstd":
             import zstandard
 
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=limit)
+            try:  # streamed, so a bomb stops at the limit (whatever its frame header claims)
+                raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read(limit + 1)
             except zstandard.ZstdError as e:
                 raise Invalid(f"bad zstd body ({e})") from None
             if len(raw) > limit:
-                raise Invalid(f"decompressed body over the {limit}-byte limit")
+                raise _TooLarge()
         return raw
 
     # ---------------------------------------------------------------- service
     @app.get(f"{API}/healthz")
     async def healthz():
-        return {"status": "ok"}
+        """ok, or 503 when the scheduler thread died or showed no life for ``health_stall_s``."""
+        live = service.scheduler.liveness()
+        stall = service.config.health_stall_s
+        wedged = not live["alive"] or live["heartbeat_age_s"] > stall
+        if wedged:
+            why = "the scheduler thread is not running" if not live["alive"] else \
+                f"the scheduler showed no life for {live['heartbeat_age_s']:.0f} s (limit {stall:g} s)"
+            return SafeJSONResponse({"status": "unhealthy", "error": why, "detail": why, "scheduler": live},
+                                    status_code=503)
+        return {"status": "ok"}  # the details are in the 503 body and in /metrics
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text format (no key, like healthz)."""
+        from .metrics import CONTENT_TYPE, render
+
+        body = render(service)
+        if body is None:
+            return _err(501, "metrics need prometheus_client (pip install -e '.[serve]' -c constraints.txt)")
+        return Response(body, media_type=CONTENT_TYPE)
 
     @app.post(f"{API}/client/config")
     async def client_config(request: Request):
@@ -275,4 +329,49 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         await request.body()
         return {}
 
-    return BodyLimit(app, limit)
+    return RequestContext(BodyLimit(app, limit), app)
+
+
+class RequestContext:
+    """Outermost: a request id (the client's ``X-Request-Id`` or a new one, echoed back), the
+    tenant for log lines, one access log line, and the request metrics by route and status."""
+
+    def __init__(self, app, fastapi_app):
+        self.app, self.routes = app, fastapi_app.router.routes
+
+    def _route(self, scope) -> str:
+        from starlette.routing import Match
+
+        for r in self.routes:  # the route's template, never the raw path (ids would explode the labels)
+            if r.matches(scope)[0] == Match.FULL:
+                return getattr(r, "path", "other")
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from .metrics import observe_request
+
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex[:16]
+        t_rid, t_ten = request_id.set(rid), request_tenant.set("-")
+        t0, status = time.perf_counter(), 500
+
+        async def snd(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                msg = dict(msg, headers=list(msg.get("headers", [])) + [(b"x-request-id", rid.encode())])
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, snd)
+        finally:
+            dt = time.perf_counter() - t0
+            route = self._route(scope)
+            tenant = (scope.get("state") or {}).get("tenant", "-")
+            observe_request(route, scope.get("method", ""), status, dt, tenant)
+            if route != f"{API}/healthz" and route != "/metrics":
+                log.info("%s %s -> %d in %.1f ms", scope.get("method"), scope.get("path"), status, dt * 1e3)
+            request_id.reset(t_rid)
+            request_tenant.reset(t_ten)

@@ -48,6 +48,22 @@ class ServiceConfig:
     dataset_roots: list[str] = field(default_factory=list)  # where jobs may read server-side datasets
     job_checkpoint_every: int = 50  # default optimizer steps between a job's resume checkpoints
     cross_tenant_batching: bool = True  # False: one model per step (only to measure what batching buys)
+    slot_wait_s: float = 60.0  # a sample waits this long for a slot for its sampler weights, then fails
+    health_stall_s: float = 600.0  # healthz answers 503 once the scheduler shows no life this long
+    shutdown_grace_s: float = 30.0  # on SIGTERM: how long running and queued work may take to finish
+    header_timeout_s: float = 30.0  # a connection's request headers must arrive within this
+
+
+MAX_SEED = 2**63 - 1  # seeds are int64 (torch.Generator.manual_seed)
+
+
+def check_seed(seed, what: str) -> int | None:
+    """``seed`` as an int in [0, 2**63), None for None; Invalid otherwise (checked at the door)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise Invalid(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return seed
 
 
 def new_fleet(model, tokenizer, config: ServiceConfig) -> Fleet:
@@ -84,7 +100,8 @@ class Service:
         self._linear_names = self.fleet.linear_names
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s,
-                                   cross_model_batching=self.config.cross_tenant_batching)
+                                   cross_model_batching=self.config.cross_tenant_batching,
+                                   slot_wait_s=self.config.slot_wait_s)
         self.recovered = recover(self)
         self.jobs = JobRunner(self)
         self.scheduler.start()
@@ -93,10 +110,23 @@ class Service:
         if self.config.session_timeout_s:
             threading.Thread(target=self._reap, name="lorafleet-reaper", daemon=True).start()
 
-    def close(self):
+    def close(self, grace_s: float = 0.0):
+        """Stop. With ``grace_s`` (a graceful shutdown), queued and running work first gets up to
+        that long to finish; requests still unfinished then are journaled as lost, so polling them
+        after a restart answers 410 (retryable). The store is closed last (SQLite: WAL checkpointed)."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         self.jobs.stop()
+        if grace_s > 0 and not self.scheduler.drain(grace_s):
+            log.warning("shutdown: %d operation(s) still queued or running after %g s", self.scheduler.queued(),
+                        grace_s)
         self.scheduler.stop()
+        if grace_s > 0:
+            lost = self.store.fail_pending("the server shut down before this request finished, so it was not "
+                                           "completed; send it again")
+            if lost:
+                log.warning("shutdown: %d unfinished request(s) marked lost (410 after a restart)", lost)
         self.store.close()
 
     def _reap(self):
@@ -138,9 +168,7 @@ class Service:
         experts = train_mlp and self.fleet.expert_lora  # not spec.moe: Llama 4 / DBRX attach dense-only
         if not targets and not experts:
             raise Invalid("lora_config trains nothing on this base (set train_attn or train_mlp)")
-        seed = lora.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise Invalid(f"lora_config.seed must be an integer, got {seed!r}")
+        seed = check_seed(lora.get("seed"), "lora_config.seed")
         # train_unembed is accepted but the LM head is not adapted (the engine targets decoder linears)
         return AdapterConfig(rank=rank, alpha=LORA_ALPHA, target_modules=tuple(targets),
                              experts=experts, seed=int(seed) if seed is not None else 0)
@@ -319,9 +347,16 @@ class Service:
         def fn(fleet):
             fleet.set_optimizer(m.adapter, cfg)
             out = fleet.optim_step([m.adapter])[m.adapter]
-            return {"type": "optim_step", "metrics": {"grad_norm:mean": float(out["grad_norm"]),
-                                                      "learning_rate:mean": float(out["lr"]),
-                                                      "step:max": float(out["step"])}}
+            metrics = {"grad_norm:mean": float(out["grad_norm"]), "learning_rate:mean": float(out["lr"]),
+                       "step:max": float(out["step"])}
+            if out.get("skipped") or not all(map(math.isfinite, metrics.values())):
+                # JSON (and the SDK's dict of floats) has no inf / nan / null: a gradient that is not
+                # finite (e.g. cross_entropy weights of 1e38) skipped the step (the engine leaves the
+                # weights and moments alone); say so, and drop the values that are not numbers
+                log.warning("optim_step of %s skipped: gradient norm %s", m.model_id, out["grad_norm"])
+                metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+                metrics["skipped:max"] = 1.0
+            return {"type": "optim_step", "metrics": metrics}
 
         return self._submit_model_op(tenant, m, seq, "optim_step", fn)
 
@@ -502,7 +537,8 @@ class Service:
         sp = body.get("sampling_params") or {}
         if not isinstance(sp, dict):
             raise Invalid("sampling_params must be an object")
-        max_tokens = sp.get("max_tokens") or 16
+        max_tokens = sp.get("max_tokens")
+        max_tokens = 16 if max_tokens is None else max_tokens  # 0 is refused below, not read as "unset"
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= c.max_sample_tokens:
             raise Invalid(f"sampling_params.max_tokens must be an integer in [1, {c.max_sample_tokens}]")
         stop = sp.get("stop")
@@ -520,7 +556,7 @@ class Service:
             params = SamplingParams(max_tokens=max_tokens, temperature=float(sp.get("temperature", 1.0)),
                                     top_p=float(sp.get("top_p", 1.0)), top_k=int(sp.get("top_k", -1)),
                                     stop=list(stop) if stop else None,
-                                    seed=int(sp["seed"]) if sp.get("seed") is not None else None,
+                                    seed=check_seed(sp.get("seed"), "sampling_params.seed"),
                                     stop_on_eos=stop_on_eos)
         except (TypeError, ValueError) as e:
             raise Invalid(f"sampling_params: {e}") from None

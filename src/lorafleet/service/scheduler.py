@@ -68,8 +68,14 @@ class _ModelQueue:
 
 class Scheduler:
     def __init__(self, fleet, futures: FutureStore, *, batch_window_s: float = 0.005,
-                 gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None, cross_model_batching: bool = True):
+                 gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None, cross_model_batching: bool = True,
+                 slot_wait_s: float = 60.0):
         self.fleet = fleet
+        # a sample whose sampler weights find every slot held waits this long for one, then fails
+        self.slot_wait_s = slot_wait_s
+        self._slot_wait: list[Op] = []  # those samples, oldest first; retried every cycle
+        self.heartbeat = time.monotonic()  # the worker's last sign of life (healthz)
+        self.cycle_started: float | None = None  # when the running cycle began (None: idle)
         # False: one model per forward_backward and one adapter per sampling call (time-sharing,
         # as Twinkle does) — kept only so bench/bench_service.py can show what batching buys
         self.cross_model_batching = cross_model_batching
@@ -84,6 +90,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._sampler_lru: OrderedDict[str, None] = OrderedDict()  # fleet adapter names of samplers
         self._sampler_loaders: dict[str, Callable] = {}
+        self._slot_retry = 0.0
         self.stats = {"fwdbwd_calls": 0, "fwdbwd_ops": 0, "max_tenants_per_step": 0, "sample_calls": 0,
                       "sample_ops": 0, "max_adapters_per_sample": 0}
 
@@ -99,6 +106,15 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until nothing is queued or running; whether that happened."""
+        deadline = time.monotonic() + timeout
+        while self.queued() or self.cycle_started is not None:
+            if time.monotonic() > deadline or self._thread is None or not self._thread.is_alive():
+                return False
+            time.sleep(0.05)
+        return True
+
     def pause(self):
         """Stop taking new work (the running cycle finishes); requests keep queueing."""
         with self._cond:
@@ -112,7 +128,7 @@ class Scheduler:
     def queued(self) -> int:
         """Operations waiting (not yet taken by the worker)."""
         with self._cond:
-            return len(self._free_ops) + sum(sum(1 for o in q.ops.values() if o is not None)
+            return len(self._free_ops) + len(self._slot_wait) + sum(sum(1 for o in q.ops.values() if o is not None)
                                              for q in self._models.values())
 
     # ------------------------------------------------------------------ submission
@@ -193,6 +209,9 @@ class Scheduler:
                         and q.ops[q.next_seq].kind == "fwdbwd" and q.ops[q.next_seq].group == head.group:
                     ready.append(q.ops.pop(q.next_seq))
                     q.next_seq += 1
+        if self._slot_wait and (ready or now - self._slot_retry >= 0.2):
+            ready[:0], self._slot_wait = self._slot_wait, []  # retry them: a slot may have been freed
+            self._slot_retry = now
         return ready
 
     def _has_ready_locked(self) -> bool:
@@ -203,10 +222,12 @@ class Scheduler:
     def _run(self):
         while True:
             with self._cond:
+                self.heartbeat = time.monotonic()
                 while not self._stop and (self._paused or not self._has_ready_locked()):
-                    self._cond.wait(timeout=1.0)
-                    if not self._paused and any(q.ops for q in self._models.values()):
-                        break  # re-check gaps
+                    self._cond.wait(timeout=0.2 if self._slot_wait else 1.0)
+                    self.heartbeat = time.monotonic()
+                    if not self._paused and (self._slot_wait or any(q.ops for q in self._models.values())):
+                        break  # re-check gaps and samples waiting for a slot
                 if self._stop:
                     return
             if self.batch_window_s:
@@ -216,12 +237,24 @@ class Scheduler:
             if not ready:
                 time.sleep(0.05)
                 continue
+            self.cycle_started = time.monotonic()
             try:
                 self._cycle(ready)
             except Exception as e:  # noqa: BLE001 - never let the worker die
                 log.error("scheduler cycle failed: %s\n%s", e, traceback.format_exc())
                 for op in ready:
                     self.futures.complete(op.rid, Failure(f"internal error: {e}", "server"))
+            finally:
+                self.cycle_started = None
+                self.heartbeat = time.monotonic()
+
+    def liveness(self) -> dict:
+        """For healthz: whether the worker thread runs, seconds since its last sign of life and
+        how long the running cycle has taken so far (from any thread)."""
+        now, started = time.monotonic(), self.cycle_started
+        return {"alive": self._thread is not None and self._thread.is_alive(),
+                "heartbeat_age_s": round(now - self.heartbeat, 3),
+                "cycle_s": None if started is None else round(now - started, 3), "queued": self.queued()}
 
     def _cycle(self, ready: list[Op]):
         control = [o for o in ready if o.kind == "control"]
@@ -331,6 +364,16 @@ class Scheduler:
                 if a is not None:
                     self.ensure_sampler_adapter(a, keep)
                 live.append(op)
+            except PoolFull:
+                waited = time.monotonic() - op.t
+                if waited < self.slot_wait_s:
+                    with self._cond:
+                        self._slot_wait.append(op)  # wait for a slot (a session closing, a job ending)
+                else:
+                    self.futures.complete(op.rid, Failure(
+                        f"waited {waited:.0f} s (the server's --slot-wait-s) for a free adapter slot to load "
+                        f"sampler weights into: all {self.fleet.max_adapters} slots are held by training clients "
+                        "or jobs; close some training clients (their sessions) and retry", "user"))
             except Exception as e:  # noqa: BLE001
                 self.futures.complete(op.rid, Failure(str(e), "user"))
         # prompt logprobs: one forward-only pass over every request that asked for them

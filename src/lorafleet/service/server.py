@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -63,6 +64,72 @@ def make_app(service: Service, api_keys_file: str | None = None, keys: dict | No
     return create_app(service, Authenticator(keys)), keys
 
 
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, dropping a connection whose request headers do not arrive within
+    ``timeout_s`` (uvicorn's own timeouts cover only idle keep-alive connections: a client that
+    connects and sends nothing, or half a header, would hold its socket forever)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def _arm(self):
+            self._header_task = self.loop.call_later(timeout_s, self._header_timeout)
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._header_task.cancel()
+            super().connection_lost(exc)
+
+        def _header_timeout(self):
+            # still waiting for (the rest of) the headers, and not in the idle keep-alive phase,
+            # which uvicorn's timeout_keep_alive covers
+            if (not self.transport.is_closing() and self.conn.their_state is h11.IDLE
+                    and self.timeout_keep_alive_task is None):
+                self.logger.info("dropping a connection that sent no complete request headers in %g s", timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app, host: str, port: int, *, header_timeout_s: float = 30.0, log_level: str = "info",
+                   timeout_keep_alive: int = 5, timeout_graceful_shutdown: float | None = None):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                          timeout_keep_alive=timeout_keep_alive, http=header_timeout_protocol(header_timeout_s),
+                          timeout_graceful_shutdown=timeout_graceful_shutdown, log_config=None)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record):
+        from .app import request_id, request_tenant
+
+        record.request_id, record.tenant = request_id.get(), request_tenant.get()
+        return True
+
+
+def configure_logging(level: str = "info") -> None:
+    """Log lines to stderr with time, level, request id and tenant (``-`` outside a request)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [req=%(request_id)s "
+                                           "tenant=%(tenant)s] %(message)s"))
+    for name in ("lorafleet", "uvicorn"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.setLevel(level.upper())
+        lg.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True  # the service logs each request with its tenant
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,13 +139,13 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn in a daemon thread (tests, notebooks): ``with ServerThread(app) as url: ...``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, header_timeout_s: float = 30.0):
         import uvicorn
 
         self.port = port or free_port()
         self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                                   lifespan="off", timeout_keep_alive=30))
+        self.server = uvicorn.Server(uvicorn_config(app, host, self.port, header_timeout_s=header_timeout_s,
+                                                    log_level="warning", timeout_keep_alive=30))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -117,13 +184,17 @@ def check_keys(host: str, api_keys: str | None) -> dict:
 def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-data", base: str | None = None,
           api_keys: str | None = None, max_adapters: int = 16, max_rank: int = 64,
           aliases: list[str] | None = None, dataset_roots: list[str] | None = None, store: str = "sqlite",
-          cross_tenant_batching: bool = True, wrap_fleet=None) -> None:
+          cross_tenant_batching: bool = True, wrap_fleet=None, log_level: str = "info", **limits) -> None:
+    """``limits``: other `ServiceConfig` fields (the `serve` flags: max_body_bytes, slot_wait_s,
+    shutdown_grace_s, header_timeout_s, health_stall_s, ...)."""
     import uvicorn
 
+    configure_logging(log_level)
     keys = check_keys(host, api_keys)
     cfg = ServiceConfig(data_dir=data_dir, max_adapters=max_adapters, max_rank=max_rank, aliases=list(aliases or []),
                         dataset_roots=list(dataset_roots or []), store=store,
-                        cross_tenant_batching=cross_tenant_batching)
+                        cross_tenant_batching=cross_tenant_batching,
+                        **{k: v for k, v in limits.items() if v is not None})
     service = build_service(base, cfg, wrap_fleet=wrap_fleet)
     app, _ = make_app(service, keys=keys)
     if keys:
@@ -138,7 +209,20 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-
         print(f"lorafleet serve: recovered {rec['sessions']} open session(s), {rec['models']} training model(s) "
               f"(restore them with load_state), {sum(j.status == 'queued' for j in service.store.jobs())} queued "
               f"job(s); {rec['lost_requests']} unfinished request(s) marked lost")
+    # SIGTERM: uvicorn stops accepting, lets open requests finish (up to the grace period), then
+    # re-raises the signal once it has put the old handler back. With the default handler that
+    # kills the process (rc -15) before the service closes, so (unless a caller such as
+    # service/ranks.py installed its own) the re-raised signal only ends the serve loop here.
+    own = signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    if own:
+        previous = signal.signal(signal.SIGTERM, lambda *a: log.info("SIGTERM: shutting down"))
+    server = uvicorn.Server(uvicorn_config(app, host, port, header_timeout_s=cfg.header_timeout_s, log_level=log_level,
+                                           timeout_graceful_shutdown=cfg.shutdown_grace_s))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+        server.run()
     finally:
-        service.close()
+        print(f"lorafleet serve: stopping (up to {cfg.shutdown_grace_s:g} s for queued and running work)", flush=True)
+        service.close(grace_s=cfg.shutdown_grace_s)
+        if own:
+            signal.signal(signal.SIGTERM, previous)
+        print("lorafleet serve: stopped", flush=True)

@@ -13,6 +13,7 @@ restart does with them).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from .store import InMemoryStore, Job, Model, RequestRecord, Sampler, Session
 
 SCHEMA_VERSION = 1
 
+log = logging.getLogger("lorafleet.service")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT, data TEXT);
@@ -81,6 +83,10 @@ class SQLiteStore(InMemoryStore):
 
     def close(self):
         with self._db_lock:
+            try:  # fold the WAL into the database file and empty it (a clean shutdown leaves no WAL)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:  # e.g. already closed
+                log.warning("WAL checkpoint at close failed: %s", e)
             self._db.close()
 
     def _load_all(self):
