@@ -90,7 +90,7 @@ DEBUG_ARCHS: tuple[str, ...] = (
 MOE_ARCHS: tuple[str, ...] = ("qwen2_moe", "deepseek_v3", "qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 
 # Sizes shared by every debug model.  vocab must stay >= 256 (byte-level test data).
-_COMMON: dict[str, Any] = dict(
+COMMON_SIZES: dict[str, Any] = dict(
     vocab_size=256,
     hidden_size=64,
     num_hidden_layers=2,
@@ -104,31 +104,31 @@ _COMMON: dict[str, Any] = dict(
     eos_token_id=2,
     attention_dropout=0.0,
 )
-_DENSE_INTERMEDIATE = 48
+DENSE_INTERMEDIATE = 48
 _EXPERT_INTERMEDIATE = 24
 _NUM_EXPERTS = 8
 _TOP_K = 2
 
 
 def _arch_kwargs(name: str) -> dict[str, Any]:
-    """Config kwargs for one arch (on top of ``_COMMON``)."""
+    """Config kwargs for one arch (on top of ``COMMON_SIZES``)."""
     if name == "llama":
         # real Llama-3.1-8B: hidden 4096, 32 layers, 32 heads / 8 KV, head_dim 128,
         # intermediate 14336, vocab 128256, rope llama3 (theta 500000)
-        return dict(intermediate_size=_DENSE_INTERMEDIATE, head_dim=16)
+        return dict(intermediate_size=DENSE_INTERMEDIATE, head_dim=16)
     if name == "qwen2":
         # real Qwen2.5-7B: hidden 3584, 28 layers, 28 heads / 4 KV, head_dim 128,
         # intermediate 18944, vocab 152064, q/k/v bias
-        return dict(intermediate_size=_DENSE_INTERMEDIATE, use_sliding_window=False)
+        return dict(intermediate_size=DENSE_INTERMEDIATE, use_sliding_window=False)
     if name == "qwen3":
         # real Qwen3-8B: hidden 4096, 36 layers, 32 heads / 8 KV, head_dim 128,
         # intermediate 12288, vocab 151936, q/k RMSNorm
-        return dict(intermediate_size=_DENSE_INTERMEDIATE, head_dim=16, use_sliding_window=False)
+        return dict(intermediate_size=DENSE_INTERMEDIATE, head_dim=16, use_sliding_window=False)
     if name == "qwen2_moe":
         # real Qwen1.5-MoE-A2.7B: hidden 2048, 24 layers, 16 heads / 16 KV, 60 experts, top-4,
         # moe_intermediate 1408, shared_expert_intermediate 5632 (sigmoid-gated), vocab 151936
         return dict(
-            intermediate_size=_DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none here)
+            intermediate_size=DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none here)
             moe_intermediate_size=_EXPERT_INTERMEDIATE,
             shared_expert_intermediate_size=40,
             num_experts=_NUM_EXPERTS,
@@ -148,7 +148,7 @@ def _arch_kwargs(name: str) -> dict[str, Any]:
             num_hidden_layers=3,
             first_k_dense_replace=1,  # layer 0 dense, layers 1-2 MoE
             num_key_value_heads=4,  # MLA: every head gets its own K/V from the shared latent
-            intermediate_size=_DENSE_INTERMEDIATE,
+            intermediate_size=DENSE_INTERMEDIATE,
             moe_intermediate_size=_EXPERT_INTERMEDIATE,
             n_shared_experts=1,
             n_routed_experts=_NUM_EXPERTS,
@@ -170,7 +170,7 @@ def _arch_kwargs(name: str) -> dict[str, Any]:
         # 128 experts, top-8, moe_intermediate 768, norm_topk_prob True, vocab 151936
         return dict(
             head_dim=16,
-            intermediate_size=_DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none here)
+            intermediate_size=DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none here)
             moe_intermediate_size=_EXPERT_INTERMEDIATE,
             num_experts=_NUM_EXPERTS,
             num_experts_per_tok=_TOP_K,
@@ -257,7 +257,7 @@ def debug_config(name: str, **overrides: Any) -> transformers.PretrainedConfig:
     ``"eager"``; transformers would otherwise pick ``"grouped_mm"``) may be overridden too.
     """
     _check_name(name)
-    kwargs: dict[str, Any] = dict(_COMMON)
+    kwargs: dict[str, Any] = dict(COMMON_SIZES)
     kwargs.update(_arch_kwargs(name))
     kwargs["attn_implementation"] = "eager"
     if name in MOE_ARCHS:
@@ -309,7 +309,7 @@ def _degenerate(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _fix_degenerate_moe(model: torch.nn.Module, seed: int, std: float) -> None:
+def fix_degenerate_moe(model: torch.nn.Module, seed: int, std: float) -> None:
     """Re-draw routers / packed experts the model's own init left at zero or uninitialised."""
     gen = torch.Generator().manual_seed(10_007 + seed)
     for _, router in sorted(router_modules(model).items()):
@@ -346,9 +346,9 @@ def build_debug_model(
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        with _default_dtype(torch.float32):
+        with default_dtype(torch.float32):
             model = model_cls(config)
-        _fix_degenerate_moe(model, seed, std=config.initializer_range)
+        fix_degenerate_moe(model, seed, std=config.initializer_range)
     finally:
         torch.random.set_rng_state(rng_state)
     if dtype != torch.float32:
@@ -367,7 +367,7 @@ def build_debug_model(
     return model
 
 
-class _default_dtype:
+class default_dtype:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 

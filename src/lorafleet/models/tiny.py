@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import transformers
 
-from .debug import _default_dtype, _fix_degenerate_moe
+from .debug import COMMON_SIZES, DENSE_INTERMEDIATE, default_dtype, fix_degenerate_moe
 
 __all__ = ["TINY_OVERRIDES", "TINY_ARCHS", "UnavailableArchitecture", "tiny_config", "build_tiny_model"]
 
@@ -29,21 +29,10 @@ class UnavailableArchitecture(ValueError):
     """The installed transformers has no config / causal-LM class for this model type."""
 
 
-_SIZES: dict[str, Any] = dict(
-    vocab_size=256,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    intermediate_size=48,
-    max_position_embeddings=512,
-    initializer_range=0.02,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# the debug models' common sizes (attention_dropout is set below, only where a config has it),
+# plus what those nine set per architecture
+_SIZES: dict[str, Any] = {k: v for k, v in COMMON_SIZES.items() if k != "attention_dropout"} | dict(
+    head_dim=16, intermediate_size=DENSE_INTERMEDIATE)
 # set only where the config class has the field
 _IF_PRESENT: dict[str, Any] = dict(
     # experts
@@ -146,9 +135,9 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transf
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        with _default_dtype(torch.float32):
+        with default_dtype(torch.float32):
             model = transformers.AutoModelForCausalLM.from_config(config)
-        _fix_degenerate_moe(model, seed, std=config.initializer_range)
+        fix_degenerate_moe(model, seed, std=config.initializer_range)
     finally:
         torch.random.set_rng_state(rng_state)
     model.eval()
