@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
+import pytest
 import torch
 from peft import PeftModel
 
 import lorafleet as lf
 from lorafleet.lora.experts import SHARED_FACTORS
+
+
+@pytest.fixture(autouse=True)
+def quiet_peft_warnings():
+    """PEFT's notes about target_modules / fused experts, expected in every PEFT comparison: an
+    autouse fixture for the modules that import it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="peft")
+        warnings.filterwarnings("ignore", message=".*(target_modules|target_parameters|fused|PEFT).*")
+        yield
 
 
 def rel(a, b) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -22,18 +21,10 @@ import lorafleet as lf
 from lorafleet.lora import Routing, use_routing
 from lorafleet.lora.linear import dropout_noise
 from lorafleet.models.debug import build_debug_model
-from peft_ref import fleet_grads, randomize, rel
+from peft_ref import fleet_grads, quiet_peft_warnings, randomize, rel  # noqa: F401 (autouse fixture)
 
 TOL = 1e-5
 _BASES: dict[str, torch.nn.Module] = {}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="peft")
-        warnings.filterwarnings("ignore", message=".*(target_modules|target_parameters|fused|PEFT).*")
-        yield
 
 
 def base_model(arch="llama"):

@@ -22,18 +22,10 @@ from safetensors.torch import load_file, save_file
 import lorafleet as lf
 from lorafleet.adapters.formats import load_adapter_dir
 from lorafleet.models.debug import build_debug_model
-from peft_ref import fleet_grads, rel
+from peft_ref import fleet_grads, quiet_peft_warnings, rel  # noqa: F401 (autouse fixture)
 
 TOL = 1e-5
 B, T = 2, 9
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="peft")
-        warnings.filterwarnings("ignore", message=".*(target_modules|target_parameters|fused|PEFT).*")
-        yield
 
 
 _BASES: dict[str, torch.nn.Module] = {}
