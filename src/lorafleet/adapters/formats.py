@@ -68,6 +68,13 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
     half-written adapter. An existing adapter directory (or empty directory) at ``path`` is
     replaced; any other existing path is refused.
     """
+    _write_dir(Path(path), *adapter_files(weights, format))
+
+
+def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
+    """``(tensors, adapter_config, meta)`` of ``weights`` in ``format``, in memory: the tensors are
+    CPU copies (never views of the fleet's banks), ``adapter_config`` is PEFT's config dict and
+    ``meta`` lorafleet's own record. `save_adapter_dir` writes exactly these."""
     if format not in FORMATS:
         raise AdapterFormatError(f"unknown adapter format {format!r}; valid formats: {', '.join(FORMATS)}")
     cfg = weights.config
@@ -151,7 +158,7 @@ def save_adapter_dir(weights: AdapterWeights, path, format: str = "peft") -> Non
         adapter_config["layers_pattern"] = weights.layers_path.rsplit(".", 1)[-1] or "layers"
     meta = {"format": format, "expert_sharing": cfg.expert_sharing, "model_type": weights.model_type,
             "rank": r, "lorafleet_version": LORAFLEET_VERSION}
-    _write_dir(Path(path), tensors, adapter_config, meta)
+    return tensors, adapter_config, meta
 
 
 def _number(x: float):
