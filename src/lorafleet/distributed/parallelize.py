@@ -70,7 +70,7 @@ def apply_fsdp(fleet, mesh: Mesh, blocks, reshard_after_forward: bool = True) ->
         in_blocks |= params
         fully_shard(block, mesh=shard_mesh, reshard_after_forward=reshard_after_forward,
                     ignored_params=params & keep_whole)
-    backbone = fleet.model.base_model
+    backbone = fleet.backbone  # the decoder (Llama 4: the layers' parent, not the whole model)
     fully_shard(backbone, mesh=shard_mesh, reshard_after_forward=reshard_after_forward,
                 ignored_params={p for p in backbone.parameters() if p not in in_blocks} | keep_whole)
 
