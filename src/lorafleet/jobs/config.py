@@ -41,7 +41,7 @@ import yaml
 
 from ..config import EXPERT_SHARING_MODES, AdapterConfig
 from ..engine.optim import OptimConfig
-from ..utils.values import coerce_fields
+from ..utils.values import coerce_fields, read_number
 
 
 class ConfigError(ValueError):
@@ -170,6 +170,65 @@ class TrainConfig:
         return q if q.is_absolute() or not self.source else (Path(self.source).parent / q)
 
 
+@dataclass
+class RLConfig(TrainConfig):
+    """`lorafleet rl`'s YAML: a train config plus an optional ``rollout:`` engine (absent: the
+    built-in sampler). The mapping is kept as read (`read_rollout`); jobs/rollout_engine.py uses it."""
+
+    rollout: dict | None = None
+
+
+ROLLOUT_ENGINES = ("vllm", "vllm-local", "sglang")  # vllm / sglang: a running server at url
+# the rollout keys the job itself reads; every other key is the engine's own option (make_engine)
+ROLLOUT_JOB_KEYS = {"engine": str, "url": str, "async": bool, "max_staleness": int, "retries": int,
+                    "retry_wait_s": float}
+ROLLOUT_DEFAULTS = {"async": False, "max_staleness": 1, "retries": 3, "retry_wait_s": 1.0}
+
+
+def read_rollout(spec, where: str) -> dict:
+    """The ``rollout:`` mapping checked and completed with its defaults; one-line ConfigError
+    naming the field. Engine options beyond ROLLOUT_JOB_KEYS pass through to the engine, which
+    checks them when the job starts."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{engine: vllm, url: http://127.0.0.1:8000}}, "
+                          f"got {spec!r}")
+    out = {**ROLLOUT_DEFAULTS, **spec}
+    for key, kind in ROLLOUT_JOB_KEYS.items():
+        if key in out and out[key] is not None:
+            try:
+                out[key] = _coerce_one(kind, out[key], f"{where}.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    engine = out.get("engine")
+    if engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"{where}.engine: must be one of {list(ROLLOUT_ENGINES)}, got {engine!r}")
+    url = out.get("url")
+    if engine == "vllm-local":
+        if url is not None:
+            raise ConfigError(f"{where}.url: engine vllm-local starts its own engine on the base model's "
+                              "directory and takes no url (use engine: vllm for a running server)")
+    elif not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+        raise ConfigError(f"{where}.url: engine {engine} needs the server's url (http://host:port), got {url!r}")
+    else:
+        out["url"] = url.rstrip("/")
+    _positive(out["max_staleness"], f"{where}.max_staleness")
+    _positive(out["retries"], f"{where}.retries", allow_zero=True)
+    if out["retry_wait_s"] < 0:
+        raise ConfigError(f"{where}.retry_wait_s must be >= 0, got {out['retry_wait_s']!r}")
+    if "max_staleness" in spec and not out["async"]:
+        raise ConfigError(f"{where}.max_staleness: only meaningful with async: true")
+    return out
+
+
+def _coerce_one(kind, value, what):
+    if kind in (int, float):
+        return read_number(value, kind, what)
+    if not isinstance(value, kind):
+        expected = {bool: "true or false", str: "a string"}[kind]
+        raise ValueError(f"{what}: expected {expected}, got {value!r}")
+    return value
+
+
 def _positive(v, where, allow_zero=False):
     if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
         raise ConfigError(f"{where} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
@@ -189,9 +248,10 @@ def read_adapter_job(d: dict, where: str, adapter_cls=None) -> AdapterJob:
     return job
 
 
-def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
+def parse_config(data: dict, source: str = "", adapter_cls=None, config_cls=None) -> TrainConfig:
+    config_cls = config_cls or TrainConfig
     where = source or "config"
-    _take(data, TrainConfig, where)
+    _take(data, config_cls, where)
     if "base" not in data or "adapters" not in data:
         raise ConfigError(f"{where}: needs 'base' and 'adapters'")
     if "source" in data:  # set by the loader, not by the file
@@ -210,14 +270,19 @@ def parse_config(data: dict, source: str = "", adapter_cls=None) -> TrainConfig:
             raise ConfigError(f"{where}: adapter name {job.name!r} appears twice")
         seen.add(job.name)
         jobs.append(job)
-    rest = _typed({k: v for k, v in data.items() if k not in ("base", "adapters")}, TrainConfig, where)
-    cfg = TrainConfig(base=base, adapters=jobs, source=source, **rest)
+    rest = _typed({k: v for k, v in data.items() if k not in ("base", "adapters")}, config_cls, where)
+    cfg = config_cls(base=base, adapters=jobs, source=source, **rest)
     for k in ("max_adapters", "max_rank", "max_length"):
         _positive(getattr(cfg, k), f"{where}: {k}")
     _positive(cfg.checkpoint_every, f"{where}: checkpoint_every", allow_zero=True)
     if cfg.overflow not in ("truncate", "skip"):
         raise ConfigError(f"{where}: overflow must be 'truncate' or 'skip', got {cfg.overflow!r}")
     _check_parallelism(cfg.parallelism, where)
+    if getattr(cfg, "rollout", None) is not None:
+        cfg.rollout = read_rollout(cfg.rollout, f"{where}: rollout")
+        if cfg.parallelism is not None:
+            raise ConfigError(f"{where}: rollout: a rollout engine does not run with parallelism: yet "
+                              "(one process only)")
     for job in jobs:
         if job.rank > cfg.max_rank:
             raise ConfigError(f"{where}: adapter {job.name!r} has rank {job.rank} above max_rank {cfg.max_rank}")
@@ -254,5 +319,5 @@ def read_yaml_mapping(path, what: str = "config file") -> dict:
     return data
 
 
-def load_config(path, adapter_cls=None) -> TrainConfig:
-    return parse_config(read_yaml_mapping(path), str(path), adapter_cls)
+def load_config(path, adapter_cls=None, config_cls=None) -> TrainConfig:
+    return parse_config(read_yaml_mapping(path), str(path), adapter_cls, config_cls)

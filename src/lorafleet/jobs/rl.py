@@ -12,6 +12,7 @@ are the train job's; sampling seeds derive from the global step, so a resumed ru
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -26,9 +27,10 @@ from ..data.datasets import DatasetError, read_jsonl
 from ..utils.values import coerce_fields, read_number
 from ..engine.sampling import SampleRequest, SamplingParams
 from ..types import Example
-from .config import AdapterJob, ConfigError, _positive, load_config
+from .config import AdapterJob, ConfigError, RLConfig, _positive, load_config
 from .outputs import plot_run
-from .train import TrainJob
+from .rollout_step import EngineRollouts, RolloutFailed, make_job_engine, rollout_base_dir
+from .train import TrainJob, _config_dict
 
 
 @dataclass
@@ -74,7 +76,7 @@ class RLAdapterJob(AdapterJob):
 
 
 def load_rl_config(path):
-    return load_config(path, RLAdapterJob)
+    return load_config(path, RLAdapterJob, RLConfig)
 
 
 def load_reward(spec: str, base_dir: Path):
@@ -103,6 +105,28 @@ def load_reward(spec: str, base_dir: Path):
 
 
 class RLJob(TrainJob):
+    rollouts: EngineRollouts | None = None  # with a `rollout:` engine, once the first step starts
+
+    def __init__(self, cfg, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        # the engine is not part of the resume hash (a run may resume on a restarted server or
+        # another engine), so a config without `rollout:` hashes as it did before the block existed
+        d = _config_dict(cfg)
+        d.pop("rollout", None)
+        self.config_hash = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def engine_spec(self) -> dict | None:
+        return getattr(self.cfg, "rollout", None)
+
+    def run(self) -> dict:
+        try:
+            return super().run()
+        finally:
+            if self.rollouts is not None:
+                self.rollouts.close()
+                self.rollouts = None
+
     def _load_data(self, tok):
         self.train_sets, self.eval_sets, self.data_stats, self.rewards = {}, {}, {}, {}
         self.reward_errors: dict[str, int] = {}
@@ -126,8 +150,11 @@ class RLJob(TrainJob):
         names = sorted(self.active, key=lambda n: self.active[n].slot)
         tok = self.tokenizer
         self.fleet.tokenizer = tok
-        groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
-        samples = self._sample(names, groups)
+        if self.engine_spec is None:
+            groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
+            samples = self._sample(names, groups)
+        else:
+            groups, samples = self._engine_rollout(names)
         per = {n: {"rewards": [], "lengths": [], "dropped": 0} for n in names}
         examples: dict[tuple, list[Example]] = {}
         for n in names:
@@ -152,10 +179,14 @@ class RLJob(TrainJob):
         kl = self._kl_penalty(examples)
         t0 = time.perf_counter()
         ent = {n: [] for n in names}
+        gap = {n: [] for n in names}  # sample - train logprob of each trained completion token
         for (loss, cfg), exs in examples.items():
             res = self.fleet.forward_backward(exs, loss_fn=loss, loss_fn_config=dict(cfg))
             for e, h in zip(exs, res.entropy):
                 ent[e.adapter] += [x for x, w in zip(h, e.weights) if w > 0]
+            if self.engine_spec is not None:
+                for e, lps in zip(exs, res.logprobs):
+                    gap[e.adapter] += [s - t for s, t, w in zip(e.logprobs, lps, e.weights) if w > 0]
         tokens = {n: sum(len(p) for p, _ in groups[n]) * self.jobs[n].group_size + sum(per[n]["lengths"])
                   for n in names}
         stepped = self._end_micro_step(names, tokens, t0)
@@ -171,6 +202,9 @@ class RLJob(TrainJob):
                 m["entropy"] = sum(ent[n]) / len(ent[n])
             if n in kl:
                 m["kl"] = kl[n]
+            if gap[n]:  # tinker-cookbook's optim/kl_sample_train_v1 and _v2
+                m["kl_sample_train"] = sum(gap[n]) / len(gap[n])
+                m["kl_sample_train_v2"] = 0.5 * sum(d * d for d in gap[n]) / len(gap[n])
             self._step_metrics[n] = m
         for n, om in stepped.items():
             self._after_optim_step(n, om)
@@ -206,6 +240,50 @@ class RLJob(TrainJob):
             for (n, i, _), res in zip(items, results):
                 out[n][i] = res
         return out
+
+    def _engine_rollout(self, names):
+        """Push what changed, draw every adapter's prompts and sample them through the engine.
+        A failure (after the retries) leaves the cursors where they were, saves a checkpoint of
+        the whole state (every step before this one) and stops the job with one line."""
+        before = {n: self.cursors[n].state_dict() for n in names}
+        try:
+            if self.rollouts is None:
+                self.rollouts = self._start_engine()
+            self.rollouts.sync(names)
+            groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
+            samples = {}
+            seed = self.cfg.seed * 100_003 + self.global_step
+            for n in names:
+                a = self.jobs[n]
+                samples[n], _version = self.rollouts.generate(n, [p for p, _ in groups[n]], a.sampling_params(seed),
+                                                              a.group_size)
+            return groups, samples
+        except RolloutFailed as e:
+            for n, st in before.items():
+                self.cursors[n].load_state_dict(st)
+            raise RolloutFailed(f"{e}; {self._save_for_resume()}") from None
+
+    def _start_engine(self) -> EngineRollouts:
+        from ..rollout import RolloutError
+
+        spec = self.engine_spec
+        base_dir = rollout_base_dir(self.cfg, self.run_dir, self.log)
+        try:
+            engine = make_job_engine(spec, base_dir, self.cfg.max_rank)
+        except (RolloutError, OSError) as e:
+            raise RolloutFailed(f"rollout engine {spec['engine']}: could not start: {' '.join(str(e).split())}") from None
+        except ValueError as e:  # the engine's own options
+            raise ConfigError(f"{self.cfg.source or 'config'}: rollout: {e}") from None
+        self.log(f"rollout: sampling through {spec['engine']}" + (f" at {spec['url']}" if spec.get("url") else ""))
+        return EngineRollouts(self.fleet, engine, spec, self.tokenizer, log=self.log)
+
+    def _save_for_resume(self) -> str:
+        """A checkpoint of the state as it is (whole between steps), and what to say about it."""
+        if self.global_step == 0 and self.last_checkpoint is None:
+            return "nothing was trained yet"
+        if self.last_checkpoint != self.global_step:
+            self.checkpoint()
+        return f"checkpoint saved at global step {self.global_step}; resume with --resume"
 
     def _score(self, name, prompt_text, sample, row):
         """The reward, or None (sample dropped) when the function raises or returns a non-number;
