@@ -217,6 +217,8 @@ def read_rollout(spec, where: str) -> dict:
         raise ConfigError(f"{where}.retry_wait_s must be >= 0, got {out['retry_wait_s']!r}")
     if "max_staleness" in spec and not out["async"]:
         raise ConfigError(f"{where}.max_staleness: only meaningful with async: true")
+    if out["async"]:  # accepted by name so the spelling is fixed; refused until it is built
+        raise ConfigError(f"{where}.async: asynchronous rollouts are not implemented yet; use async: false")
     return out
 
 
