@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..utils.atomic import atomic_dir
-from .config import ROLLOUT_JOB_KEYS
+from .config import ROLLOUT_JOB_KEYS, ConfigError
 
 ROLLOUT_BASE_DIR = "rollout_base"  # a built-in base, saved for the engine inside the run dir
 
@@ -139,3 +139,52 @@ def make_job_engine(spec: dict, base_dir: Path, max_rank: int):
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+class EngineRolloutSteps:
+    """The RL job's side of a rollout engine (mixed into jobs.rl.RLJob): one step's rollout, the
+    engine's start, and the checkpoint a failure leaves."""
+
+    def _engine_rollout(self, names):
+        """Push what changed, draw every adapter's prompts and sample them through the engine.
+        A failure (after the retries) leaves the cursors where they were, saves a checkpoint of
+        the whole state (every step before this one) and stops the job with one line."""
+        before = {n: self.cursors[n].state_dict() for n in names}
+        try:
+            if self.rollouts is None:
+                self.rollouts = self._start_engine()
+            self.rollouts.sync(names)
+            groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
+            samples = {}
+            seed = self.cfg.seed * 100_003 + self.global_step
+            for n in names:
+                a = self.jobs[n]
+                samples[n], _version = self.rollouts.generate(n, [p for p, _ in groups[n]], a.sampling_params(seed),
+                                                              a.group_size)
+            return groups, samples
+        except RolloutFailed as e:
+            for n, st in before.items():
+                self.cursors[n].load_state_dict(st)
+            raise RolloutFailed(f"{e}; {self._save_for_resume()}") from None
+
+    def _start_engine(self) -> EngineRollouts:
+        from ..rollout import RolloutError
+
+        spec = self.engine_spec
+        base_dir = rollout_base_dir(self.cfg, self.run_dir, self.log)
+        try:
+            engine = make_job_engine(spec, base_dir, self.cfg.max_rank)
+        except (RolloutError, OSError) as e:
+            raise RolloutFailed(f"rollout engine {spec['engine']}: could not start: {' '.join(str(e).split())}") from None
+        except ValueError as e:  # the engine's own options
+            raise ConfigError(f"{self.cfg.source or 'config'}: rollout: {e}") from None
+        self.log(f"rollout: sampling through {spec['engine']}" + (f" at {spec['url']}" if spec.get("url") else ""))
+        return EngineRollouts(self.fleet, engine, spec, self.tokenizer, log=self.log)
+
+    def _save_for_resume(self) -> str:
+        """A checkpoint of the state as it is (whole between steps), and what to say about it."""
+        if self.global_step == 0 and self.last_checkpoint is None:
+            return "nothing was trained yet"
+        if self.last_checkpoint != self.global_step:
+            self.checkpoint()
+        return f"checkpoint saved at global step {self.global_step}; resume with --resume"
