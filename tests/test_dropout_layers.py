@@ -152,7 +152,8 @@ def test_checkpointing_recompute_draws_the_same_masks():
     for n in plain:
         for k in plain[n]:
             assert torch.allclose(plain[n][k], ckpt[n][k], rtol=1e-5, atol=1e-7), (n, k)
-    f = fleet_with(base, *cfgs)  # dropout is really on in train mode: eval-mode gradients differ
+    # dropout is really on: the same adapter without dropout gets other gradients
+    f = fleet_with(base, ("a", cfgs[0][1].with_(lora_dropout=0.0)), cfgs[1])
     f.forward_backward(examples(["a", "b", "a"]))
     evals = fleet_grads(f, "a")
     assert max(rel(plain["a"][k], evals[k]) for k in evals) > 1e-2
@@ -258,3 +259,25 @@ def test_native_layers_to_transform_exports_to_peft(arch, tmp_path):
     assert back.adapters["x"].layers_to_transform == (0,)
     with torch.no_grad():
         assert rel(back.forward(x, adapters=["x"] * 3).logits, ref) <= TOL
+
+
+def test_forward_backward_trains_with_dropout_but_forward_only_and_sampling_never_drop():
+    """Jobs and the service keep the model in eval mode: forward_backward itself turns each
+    adapter's lora_dropout on for its training forward (so the logprobs it returns differ from the
+    dropout-free ones), forward_only and plain forwards stay exact, and the model's mode is untouched."""
+    base = base_model()
+    fleet = fleet_with(base, ("d", lf.AdapterConfig(rank=4, lora_dropout=0.5, seed=1)))
+    fleet.model.eval()
+    ex = examples(["d"])
+    def lp(res):
+        return torch.as_tensor(res.logprobs[0], dtype=torch.float64)
+
+    exact = lp(fleet.forward_backward(ex, forward_only=True))
+    trained = lp(fleet.forward_backward(ex))
+    assert not fleet.model.training
+    assert rel(trained, exact) > 1e-3  # dropout was active in the training forward
+    assert rel(lp(fleet.forward_backward(ex, forward_only=True)), exact) == 0.0
+    with torch.no_grad():
+        a = fleet.forward(ids(1), adapters=["d"]).logits
+        b = fleet.forward(ids(1), adapters=["d"]).logits
+    assert torch.equal(a, b)

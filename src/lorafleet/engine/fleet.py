@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
     # set by `lorafleet.distributed.parallelize`: an object the engine hands its collectives to
     # (split batches, gradient sums, shard gather/slice); None runs everything in this process
     comm = None
+    # True inside `lora_dropout_scope(True)`: forward_backward's training forward drops as
+    # model.train() would, while the base (jobs, service) stays in eval mode
+    _lora_dropout_on = False
 
     def __init__(self, model, max_adapters: int = 8, max_rank: int = 64, expert_lora: bool | None = None,
                  dtype=None):
@@ -266,7 +270,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
         model is in train mode (as PEFT: ``model.train()`` turns dropout on). Each such adapter's
         counter advances once per forward it takes part in, so its masks depend on its own seed and
         history only; the counter is part of its train state (save_state / load_state)."""
-        if not self.model.training:
+        if not (self.model.training or self._lora_dropout_on):
             return {}
         plan = {}
         for slot in sorted(set(row_slots) - {-1}):
@@ -277,6 +281,17 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin):
                 plan[slot] = (config.lora_dropout, config.seed, st.dropout_step)
                 st.dropout_step += 1
         return plan
+
+    @contextlib.contextmanager
+    def lora_dropout_scope(self, on: bool):
+        """Within: each adapter's ``lora_dropout`` is active (``on``) whatever the model's mode.
+        forward_backward uses it for its training forward; sampling, eval and forward-only
+        logprobs never drop (unless the user put the model in train mode themselves)."""
+        prev, self._lora_dropout_on = self._lora_dropout_on, bool(on)
+        try:
+            yield
+        finally:
+            self._lora_dropout_on = prev
 
     def _wrap_checkpointing(self):
         for m in self.model.modules():

@@ -200,8 +200,9 @@ class TrainingMixin:
 
         grad_ctx = torch.no_grad() if forward_only else torch.enable_grad()
         with grad_ctx:
-            hidden = self.run_routed(self.backbone, slot, input_ids=ids, attention_mask=mask,
-                                     use_cache=False).last_hidden_state
+            with self.lora_dropout_scope(not forward_only):  # dropout trains, never in forward-only
+                hidden = self.run_routed(self.backbone, slot, input_ids=ids, attention_mask=mask,
+                                         use_cache=False).last_hidden_state
             hidden = hidden[mask.bool()]  # [sum(lens), H], rows in order, padding dropped
             lm_head = self.model.get_output_embeddings()
             if getattr(lm_head, "bias", None) is not None:

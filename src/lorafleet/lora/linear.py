@@ -89,7 +89,9 @@ class MultiLoRALinear(nn.Module):
         segs = self.segments(routing, flat.shape[0])
         if not segs:
             return self.base_layer(x)
-        drop = routing.dropout if self.training else {}
+        # the fleet puts dropout in the routing only for a training forward (Fleet._dropout_plan);
+        # reading it from there, not from self.training, keeps a checkpoint recompute in backward exact
+        drop = routing.dropout
         if any(s.a_index in drop for s in segs):  # PEFT: lora_B(lora_A(dropout(x))); the base sees x
             return self._forward_dropout(x, flat, segs, drop)
         mode = dispatch.fuse_base()
