@@ -131,6 +131,14 @@ SERVE_LIMITS = {
     "health_stall_s": (float, 600.0, "healthz answers 503 once the scheduler shows no life this long"),
     "shutdown_grace_s": (float, 30.0, "SIGTERM: seconds for open requests, then for queued and running work"),
     "header_timeout_s": (float, 30.0, "a connection whose request headers take longer is dropped"),
+    "max_prompt_tokens": (int, 32768, "most tokens of one sample request's prompt"),
+    "memory_limit_mb": (int, 0, "memory the server may use (MiB; 0: 80%% of the machine's, or the GPU's): each "
+                        "step's cost is estimated from the model, a batch over it is cut into micro-batches, a "
+                        "datum, sample or job batch that cannot fit answers 400"),
+    "max_slots_per_tenant": (int, 0, "adapter slots one tenant may hold: training clients + running jobs (0: all)"),
+    "max_sessions_per_tenant": (int, 256, "open sessions per tenant (0: no limit); over it: 429"),
+    "max_jobs_per_tenant": (int, 64, "queued + running jobs per tenant (0: no limit); over it: 429"),
+    "max_queued_per_tenant": (int, 1024, "accepted, unfinished requests per tenant (0: no limit); over it: 429"),
 }
 
 

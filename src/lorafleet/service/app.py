@@ -13,18 +13,22 @@ import contextvars
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import Authenticator, AuthError
 from .core import Service
 from .futures import Failure, Lost
 from .protocol import ProtocolError
+from .quotas import QuotaExceeded
 from .scheduler import UserError
 from .store import Invalid, NotFound
 
@@ -128,6 +132,10 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
                         (Lost, 410)):
         app.add_exception_handler(exc, status_handler(status))
 
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_, e):
+        return SafeJSONResponse(e.body(), status_code=429, headers={"Retry-After": str(e.retry_after)})
+
     @app.exception_handler(_TooLarge)
     async def _large(_, e):
         return _err(413, f"request body over the {limit}-byte limit")
@@ -159,8 +167,7 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         request_tenant.set(tenant)
         return tenant
 
-    async def body_json(request: Request) -> dict:
-        raw = await _body(request)
+    def parse_json(raw: bytes) -> dict:
         if not raw.strip():
             return {}
         try:
@@ -173,18 +180,53 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
             raise Invalid("request body must be a JSON object")
         return data
 
-    async def _body(request: Request) -> bytes:
-        raw = await request.body()
-        if request.headers.get("content-encoding", "").lower() == "zstd":
-            import zstandard
+    async def body_json(request: Request) -> dict:
+        return parse_json(await _body(request))
 
-            try:  # streamed, so a bomb stops at the limit (whatever its frame header claims)
-                raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read(limit + 1)
-            except zstandard.ZstdError as e:
-                raise Invalid(f"bad zstd body ({e})") from None
-            if len(raw) > limit:
-                raise _TooLarge()
-        return raw
+    def decompress(raw, zstd: bool) -> bytes:
+        """``raw`` (bytes or a binary file) as the body's bytes; zstd streamed, so a bomb stops at
+        the limit (whatever its frame header claims)."""
+        if not zstd:
+            return raw if isinstance(raw, bytes) else raw.read()
+        import zstandard
+
+        try:
+            out = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True).read(limit + 1)
+        except zstandard.ZstdError as e:
+            raise Invalid(f"bad zstd body ({e})") from None
+        if len(out) > limit:
+            raise _TooLarge()
+        return out
+
+    def is_zstd(request: Request) -> bool:
+        return request.headers.get("content-encoding", "").lower() == "zstd"
+
+    async def _body(request: Request) -> bytes:
+        return decompress(await request.body(), is_zstd(request))
+
+    upload_dir = service.data_dir / "uploads"
+
+    async def spooled_upload(request: Request, handle):
+        """Stream the body to a file under DATA_DIR/uploads (never whole in the event loop's
+        memory), then read, decode and ``handle(body_dict)`` in a worker thread, so other requests
+        stay answered while a large upload is parsed, validated and tokenized."""
+        upload_dir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(dir=upload_dir, suffix=".upload")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    if chunk:
+                        await run_in_threadpool(f.write, chunk)
+            zstd = is_zstd(request)
+
+            def work():
+                with open(path, "rb") as f:
+                    body = parse_json(decompress(f, zstd))
+                return handle(body)
+
+            return await run_in_threadpool(work)
+        finally:
+            os.unlink(path)
 
     # ---------------------------------------------------------------- service
     @app.get(f"{API}/healthz")
@@ -270,7 +312,9 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         if "protobuf" not in ctype:
             raise Invalid(f"forward_backward takes a protobuf ForwardBackwardRequest "
                           f"(Content-Type: application/x-protobuf), got {ctype or 'no content type'}")
-        return service.forward_backward(t, await _body(request))
+        body = await _body(request)
+        # decoding a large protobuf (a Python int per token) and checking it take a while: off the loop
+        return await run_in_threadpool(service.forward_backward, t, body)
 
     @app.get(f"{API}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str, request: Request):
@@ -304,7 +348,7 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
     @app.post(f"{API}/jobs")
     async def submit_job(request: Request):
         t = tenant_of(request)
-        return jobs.submit(t, await body_json(request))
+        return await spooled_upload(request, lambda body: jobs.submit(t, body))
 
     @app.get(f"{API}/jobs")
     async def list_jobs(request: Request):

@@ -15,7 +15,10 @@ from pathlib import Path
 from ..config import AdapterConfig
 from ..engine import Fleet, SamplingParams
 from . import protocol
+from .budget import MemoryBudget
+from .budget_fleet import BudgetedFleet
 from .futures import FutureStore
+from .quotas import Quotas
 from .scheduler import Op, Scheduler, UserError, optim_config
 from .jobs import JobRunner
 from .recovery import recover
@@ -52,6 +55,13 @@ class ServiceConfig:
     health_stall_s: float = 600.0  # healthz answers 503 once the scheduler shows no life this long
     shutdown_grace_s: float = 30.0  # on SIGTERM: how long running and queued work may take to finish
     header_timeout_s: float = 30.0  # a connection's request headers must arrive within this
+    max_prompt_tokens: int = 32768  # tokens of one sample request's prompt
+    memory_limit_mb: int = 0  # the process's memory bound (0: 80 % of the machine's or GPU's); see budget.py
+    # per-tenant quotas (quotas.py); 0: no limit (slots: the whole pool)
+    max_slots_per_tenant: int = 0
+    max_sessions_per_tenant: int = 256
+    max_jobs_per_tenant: int = 64
+    max_queued_per_tenant: int = 1024
 
 
 MAX_SEED = 2**63 - 1  # seeds are int64 (torch.Generator.manual_seed)
@@ -82,6 +92,11 @@ class Service:
         if wrap_fleet is not None:  # under torchrun: every rank runs each engine call (distributed/serve.py)
             self.fleet = wrap_fleet(self.fleet)
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        # measured now: the base and the fleet are what the budget's limit must hold besides work
+        self.budget = MemoryBudget.for_model(model, self.config.memory_limit_mb, self.config.max_body_bytes,
+                                             device=self.fleet.lora_device.type)
+        self.fleet = BudgetedFleet(self.fleet, self.budget)
+        self.quotas = Quotas(self)
         self.arch = str(getattr(model.config, "model_type", "unknown"))
         self.data_dir = Path(self.config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +197,7 @@ class Service:
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, tenant: str, body: dict) -> dict:
+        self.quotas.check_session(tenant)
         sid = uuid.uuid4().hex[:16]
         self.store.add_session(Session(sid, tenant, meta={"tags": body.get("tags"), "sdk": body.get("sdk_version")}))
         return {"type": "create_session", "session_id": sid}
@@ -222,6 +238,7 @@ class Service:
     # ------------------------------------------------------------------ models
     def create_model(self, tenant: str, body: dict) -> dict:
         session = self.store.get_session(str(body.get("session_id")), tenant)
+        self.quotas.check_queue(tenant)
         seq = body.get("model_seq_id")
         if not isinstance(seq, int) or seq < 0:
             raise Invalid("model_seq_id must be a non-negative integer")
@@ -236,6 +253,7 @@ class Service:
         model_id = f"{session.session_id}:train:{seq}"
         if self.store.has_model(model_id):
             raise Invalid(f"model {model_id!r} already exists")
+        self.quotas.check_slot(tenant)
         m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, cfg.rank,
                   dict(lora))
         self.store.add_model(m)
@@ -267,6 +285,7 @@ class Service:
 
     def _model_for(self, tenant: str, body: dict, allow_lost: bool = False) -> tuple[Model, int]:
         m = self.store.get_model(str(body.get("model_id")), tenant)
+        self.quotas.check_queue(tenant)  # before the seq_id is looked at: a 429 leaves it for the retry
         seq = body.get("seq_id")
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
             raise Invalid(f"seq_id must be an integer >= 1, got {seq!r}")
@@ -290,6 +309,7 @@ class Service:
         return {"request_id": rid, "model_id": m.model_id}
 
     def forward_backward(self, tenant: str, body: bytes) -> dict:
+        self.quotas.check_queue(tenant)
         try:
             req = protocol.decode_forward_backward(body)
         except protocol.ProtocolError as e:
@@ -315,6 +335,7 @@ class Service:
             cfg = resolve_config(req.loss_fn, req.loss_fn_config)
             if req.loss_fn == "dpo" and len(examples) % 2:
                 raise Invalid("dpo needs (chosen, rejected) pairs: an even number of datums")
+            self.budget.check_datums([len(e.input_tokens) for e in examples], req.forward_only, req.loss_fn == "dpo")
             self.scheduler.check_seq(m.model_id, req.seq_id)
         except (Invalid, ValueError, UserError) as e:
             self.scheduler.skip(m.model_id, req.seq_id)
@@ -458,6 +479,8 @@ class Service:
         except Exception as e:  # noqa: BLE001
             raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
         model_id = f"{session.session_id}:train:{mseq}"
+        self.quotas.check_queue(tenant)
+        self.quotas.check_slot(tenant)
         m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, rank, lora)
         self.store.add_model(m)
 
@@ -504,6 +527,7 @@ class Service:
 
     def asample(self, tenant: str, body: dict) -> dict:
         c = self.config
+        self.quotas.check_queue(tenant)
         if body.get("sampling_session_id") is not None:
             s = self.store.get_sampler(str(body["sampling_session_id"]), tenant)
             if s.source is not None and s.source[0] == "pending":
@@ -524,6 +548,8 @@ class Service:
         prompt = _prompt_tokens(body.get("prompt"))
         if not prompt:
             raise Invalid("prompt has no tokens")
+        if len(prompt) > c.max_prompt_tokens:
+            raise Invalid(f"prompt has {len(prompt)} tokens; the limit is {c.max_prompt_tokens} (--max-prompt-tokens)")
         if min(prompt) < 0 or max(prompt) >= self.vocab:
             raise Invalid(f"prompt token ids must be in [0, {self.vocab})")
         n = body.get("num_samples", 1)
@@ -565,6 +591,7 @@ class Service:
         last_n = body.get("prompt_logprobs_last_n")
         if last_n is not None and (not isinstance(last_n, int) or not 1 <= last_n <= len(prompt) - 1):
             raise Invalid("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
+        self.budget.check_sample(n, len(prompt), max_tokens, bool(body.get("prompt_logprobs")))
         rid = self._future(tenant, "sample")
         self.scheduler.submit(Op(rid, tenant, "sample", sample={
             "adapter": adapter, "prompt": prompt, "num_samples": n, "params": params,

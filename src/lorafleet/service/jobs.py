@@ -116,7 +116,13 @@ class JobRunner:
 
     # ------------------------------------------------------------------ API (any thread)
     def submit(self, tenant: str, body: dict) -> dict:
+        """Check and queue a job (app.py calls it in a worker thread: a large upload is parsed,
+        written and tokenized there, off the HTTP event loop)."""
         a, spec = check_job(body, self.svc.config.job_checkpoint_every)
+        self.svc.quotas.check_job(tenant)
+        # a micro-batch is batch_size datums of up to max_length tokens: it must fit one step
+        # (batch_size 10**7 was accepted and then tried to allocate 30 GB)
+        self.svc.budget.check_job(a.batch_size, spec["max_length"], a.eval_batch_size)
         job_id = "job-" + uuid.uuid4().hex[:12]
         jdir = self.job_dir(tenant, job_id)
         try:
@@ -254,6 +260,8 @@ class JobRunner:
         for j in queued:
             if not self.scheduler.has_room():
                 return  # the pool is full: jobs wait, first come first served
+            if not self.svc.quotas.may_start_job(j.tenant):
+                continue  # its tenant holds its slot quota: later jobs of other tenants go first
             try:
                 r = self._prepare(j)
             except (ValueError, ConfigError) as e:  # its dataset vanished or changed on disk

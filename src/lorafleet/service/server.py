@@ -204,6 +204,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, data_dir: str = "lorafleet-
               "(any key starting with 'tml-' works)")
     print(f"lorafleet serve: base {service.base_name!r}, {cfg.max_adapters} slots (max rank {cfg.max_rank}), "
           f"data in {cfg.data_dir}; listening on http://{host}:{port}")
+    print(f"lorafleet serve: {service.budget.describe()}")
     rec = service.recovered
     if any(rec.values()):
         print(f"lorafleet serve: recovered {rec['sessions']} open session(s), {rec['models']} training model(s) "
