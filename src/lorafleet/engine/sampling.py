@@ -11,15 +11,14 @@ importance ratio of a fresh policy starts at exactly 1.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..types import Example
+from .decode_state import DecodeRow, DecodeState
 from .training import check_token_ids
 
 
@@ -77,17 +76,6 @@ class SampledSequence:
     text: str | None = None
 
 
-@dataclass
-class _Row:
-    request: int
-    sample: int
-    slot: int
-    gen: torch.Generator
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    stop_reason: str | None = None
-
-
 class SamplingMixin:
     tokenizer = None  # set `fleet.tokenizer` to honour string stops and fill `text`
 
@@ -104,13 +92,42 @@ class SamplingMixin:
     @torch.no_grad()
     def sample(self, requests: list[SampleRequest], params: SamplingParams | None = None) -> list[list[SampledSequence]]:
         """``num_samples`` sequences per request, all requests in shared decode batches."""
+        params = self._check_sample(requests, params)
+        if not requests:
+            return []
+        if self.comm is not None:  # distributed: this rank samples its share, results are gathered
+            return self.comm.sample(self, requests, params)
+        return self._sample_local(requests, params)
+
+    def start_sample(self, requests: list[SampleRequest], params: SamplingParams | None = None) -> DecodeState:
+        """What `sample` does, as a resumable `DecodeState`: ``state.advance(k)`` decodes ``k``
+        more tokens per row, and once ``state.done``, ``fleet.sample_results(state)`` equals
+        ``fleet.sample(requests, params)`` however the decode was cut (single process only)."""
+        params = self._check_sample(requests, params)
+        if not requests:
+            raise ValueError("start_sample needs at least one SampleRequest")
+        if self.comm is not None:
+            raise ValueError("start_sample runs in one process; a distributed fleet samples with sample()")
+        return self._start_local(requests, params)
+
+    def sample_results(self, state: DecodeState) -> list[list[SampledSequence]]:
+        """The sequences of a finished `DecodeState`, per request and sample."""
+        if not state.done:
+            raise ValueError(f"the decode is not finished ({len(state.live_rows())} rows still running)")
+        out = [[None] * r.num_samples for r in state.requests]
+        for row in state.rows:
+            text = self._text(row.tokens) if self.tokenizer is not None else None
+            out[row.request][row.sample] = SampledSequence(row.tokens, row.logprobs, row.stop_reason, text)
+        return out
+
+    def _check_sample(self, requests, params) -> SamplingParams:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a lorafleet.SamplingParams, got {type(params).__name__}")
         if isinstance(requests, SampleRequest):
             raise ValueError("sample takes a list of SampleRequests, got one (write [request])")
         if not requests:
-            return []
+            return params
         self._stops(params)
         vocab = self.vocab_sizes()[0]
         for i, r in enumerate(requests):  # every request is checked before any work (or collective)
@@ -119,14 +136,17 @@ class SamplingMixin:
             check_token_ids(r.prompt_tokens, vocab, f"request {i}: prompt")
             if r.adapter is not None:
                 self.slot_of(r.adapter)
-        if self.comm is not None:  # distributed: this rank samples its share, results are gathered
-            return self.comm.sample(self, requests, params)
-        return self._sample_local(requests, params)
+        return params
 
     @torch.no_grad()
     def _sample_local(self, requests, params, request_ids: list[int] | None = None):
         """Sample checked ``requests``; ``request_ids[i]``: request i's index in the caller's
         whole list (its rows' seeds derive from it, so a share sampled apart draws the same)."""
+        state = self._start_local(requests, params, request_ids)
+        state.advance(None)
+        return self.sample_results(state)
+
+    def _start_local(self, requests, params, request_ids: list[int] | None = None) -> DecodeState:
         stop_ids, stop_strs = self._stops(params)
         ids = range(len(requests)) if request_ids is None else request_ids
         rows = []
@@ -134,14 +154,9 @@ class SamplingMixin:
             slot = -1 if r.adapter is None else self.slot_of(r.adapter)
             for j in range(r.num_samples):
                 g = torch.Generator().manual_seed(_row_seed(params.seed, rid, j))
-                rows.append(_Row(i, j, slot, g))
+                rows.append(DecodeRow(i, j, slot, g))
         rows.sort(key=lambda row: row.slot)  # adapter-major; stays so as rows leave
-        self._decode(rows, requests, params, stop_ids, stop_strs)
-        out = [[None] * r.num_samples for r in requests]
-        for row in rows:
-            text = self._text(row.tokens) if self.tokenizer is not None else None
-            out[row.request][row.sample] = SampledSequence(row.tokens, row.logprobs, row.stop_reason, text)
-        return out
+        return DecodeState(self, rows, requests, params, stop_ids, stop_strs)
 
     def _text(self, tokens: list[int]) -> str:
         """The completion as text, without special tokens (an eos marker is not part of the answer)."""
@@ -157,60 +172,6 @@ class SamplingMixin:
             stop_ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return stop_ids, stop_strs
 
-    def _decode(self, rows, requests, params, stop_ids, stop_strs):
-        dev = self.lora_device
-        prompts = [requests[r.request].prompt_tokens for r in rows]
-        L = max(map(len, prompts))
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token goes at the end
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        live = list(range(len(rows)))
-        step_ids, step_pos = ids, pos
-        for t in range(params.max_tokens):
-            out = self.run_routed(self.model, [rows[i].slot for i in live], input_ids=step_ids,
-                                  attention_mask=mask, position_ids=step_pos, use_cache=True,
-                                  **{_cache_keyword(type(self.model)): cache})
-            logits = out.logits[:, -1].float()
-            logp = torch.log_softmax(logits, -1)
-            nxt = _choose(logits, params, [rows[i].gen for i in live])
-            if self.comm is not None:  # ranks decoding in lockstep must agree on every token
-                nxt = self.comm.agree_tokens(nxt)
-            keep = []
-            for k, i in enumerate(live):
-                row, tok = rows[i], int(nxt[k])
-                row.tokens.append(tok)
-                row.logprobs.append(float(logp[k, tok]))
-                if tok in stop_ids or (stop_strs and _hits(self._text(row.tokens), stop_strs)):
-                    row.stop_reason = "stop"
-                elif t + 1 == params.max_tokens:
-                    row.stop_reason = "length"
-                else:
-                    keep.append(k)
-            if not keep:
-                break
-            if len(keep) < len(live):  # finished rows leave the batch and the cache
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                mask, nxt, step_pos = mask[sel], nxt[sel], step_pos[sel]
-                live = [live[k] for k in keep]
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            step_ids = nxt.view(-1, 1).to(dev)
-            step_pos = step_pos[:, -1:] + 1
-
-
-@functools.cache
-def _cache_keyword(model_cls) -> str:
-    """The forward's KV-cache argument: transformers 5.2x renamed ``past_key_values`` to ``cache``
-    (the old name warns on every decode step and goes away in 5.40); 5.17 knows only the old one."""
-    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
-
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -219,27 +180,3 @@ def _is_int(v) -> bool:
 def _row_seed(seed, request: int, sample: int) -> int:
     base = 0 if seed is None else int(seed)
     return (base * 1_000_003 + request * 7919 + sample) % (2**63)
-
-
-def _hits(text: str, stops: list[str]) -> bool:
-    return any(s in text for s in stops)
-
-
-def _choose(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
-    """Greedy at temperature 0; else temperature / top-k / top-p filtering and one draw per row
-    from that row's own generator (a row's sample does not depend on its batch neighbours)."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    z = logits / params.temperature
-    if params.top_k > 0 and params.top_k < z.shape[-1]:
-        kth = torch.topk(z, params.top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_z, order = torch.sort(z, descending=True, dim=-1)
-        probs = torch.softmax(sorted_z, -1)
-        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_z = sorted_z.masked_fill(drop, float("-inf"))
-        z = torch.full_like(z, float("-inf")).scatter(-1, order, sorted_z)
-    probs = torch.softmax(z, -1).cpu()
-    picks = [int(torch.multinomial(probs[k], 1, generator=g)) for k, g in enumerate(gens)]
-    return torch.tensor(picks, device=logits.device)
