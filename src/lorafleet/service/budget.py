@@ -124,17 +124,19 @@ class MemoryBudget:
         self.shape, self.limit, self.baseline, self.reserve = shape, int(limit_bytes), int(baseline_bytes), \
             int(reserve_bytes)
         self.work = self.limit - self.baseline - self.reserve
+
+    @classmethod
+    def for_model(cls, model, limit_mb: int, max_body_bytes: int, device: str = "cpu") -> "MemoryBudget":
+        """The server's budget; ``limit_mb`` 0: 80 % of the device's memory. ValueError when the
+        limit leaves less than 32 MiB for work."""
+        limit = int(limit_mb) * MiB if limit_mb else int(0.8 * machine_memory_bytes(device))
+        self = cls(ModelShape.of(model), limit, process_memory_bytes(device), 4 * max_body_bytes + 256 * MiB)
         if self.work < self.MIN_WORK:
             raise ValueError(
                 f"--memory-limit-mb {self.limit // MiB} leaves no room for work: the base model and the server "
                 f"take {self.baseline // MiB} MiB and {self.reserve // MiB} MiB are kept for request bodies "
                 f"(4 x --max-body-bytes + 256 MiB); give at least {(self.baseline + self.reserve + self.MIN_WORK) // MiB}")
-
-    @classmethod
-    def for_model(cls, model, limit_mb: int, max_body_bytes: int, device: str = "cpu") -> "MemoryBudget":
-        """``limit_mb`` 0: 80 % of the device's memory."""
-        limit = int(limit_mb) * MiB if limit_mb else int(0.8 * machine_memory_bytes(device))
-        return cls(ModelShape.of(model), limit, process_memory_bytes(device), 4 * max_body_bytes + 256 * MiB)
+        return self
 
     # ------------------------------------------------------------------ estimates (bytes)
     def _attention(self, rows: int, t: int, layers_kept: int) -> int:
