@@ -263,3 +263,20 @@ def test_sigterm_is_a_graceful_shutdown(tmp_path):
     with sqlite3.connect(tmp_path / "lorafleet.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1
+
+
+def test_bad_job_optimizer_is_a_400_and_the_connection_lives(server):
+    """A job with ``optimizer: {lr: "x"}`` was a 500 TypeError and then a connection reset on that
+    keep-alive connection; now a 400 naming the field, and the same connection keeps serving."""
+    _, url = server
+    lines = json.dumps({"prompt": "rev: abc =", "completion": " cba"}) + "\n"
+    with httpx.Client(base_url=url, timeout=30, headers=H) as http:
+        for optimizer, word in (({"lr": "x"}, "lr"), ({"lr": float("inf")}, "lr"), ("x", "optimizer"),
+                                ({"lr": 1e-3, "betas": ["a", 0.9]}, "betas")):
+            body = {"adapter": {"name": "a", "rank": 2, "max_steps": 1, "optimizer": optimizer},
+                    "data": {"jsonl": lines}}
+            r = http.post("/api/v1/jobs", content=json.dumps(body).replace("Infinity", "1e999"),
+                          headers={"Content-Type": "application/json"})
+            _bad(r, 400, word)
+        assert http.get("/api/v1/jobs").status_code == 200  # the same keep-alive connection
+        assert http.get("/api/v1/jobs").json()["jobs"] == []  # nothing was queued
