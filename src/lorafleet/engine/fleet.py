@@ -15,12 +15,13 @@ from ..lora.linear import kaiming_uniform_A
 from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
 from .sampling import SamplingMixin
+from .snapshot import SnapshotMixin
 from .state import StateMixin
 from .optim import LossScaler, low_precision
 from .training import AdapterTrainState, TrainingMixin
 
 
-class Fleet(TrainingMixin, StateMixin, SamplingMixin):
+class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
     """Many LoRA adapters on one shared frozen base model.
 
     ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts
