@@ -59,13 +59,15 @@ class Quotas:
 
     def check_slot(self, tenant: str) -> None:
         """Before a new training client (create_model, create_training_client_from_state)."""
+        if self._cfg.max_slots_per_tenant <= 0:  # no per-tenant quota: the pool-full error says it
+            return
         held, limit = self.slots_held(tenant), self.slot_limit()
         if held >= limit:
             raise QuotaExceeded(tenant, "slots", limit, f"it holds {held} adapter slot(s) (training clients and "
                                 "running jobs); close a training client's session or cancel a job")
 
     def may_start_job(self, tenant: str) -> bool:
-        return self.slots_held(tenant) < self.slot_limit()
+        return self._cfg.max_slots_per_tenant <= 0 or self.slots_held(tenant) < self.slot_limit()
 
     def check_session(self, tenant: str) -> None:
         limit = self._cfg.max_sessions_per_tenant
