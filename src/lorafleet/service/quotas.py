@@ -2,7 +2,7 @@
 
 | quota (serve flag) | counts | default |
 |---|---|---|
-| ``--max-slots-per-tenant`` | adapter slots the tenant holds: open training clients + running jobs | 0 (the whole pool) |
+| ``--max-slots-per-tenant`` | adapter slots the tenant holds: open training clients + running jobs | 0 (none) |
 | ``--max-sessions-per-tenant`` | open (unfinished) sessions | 256 |
 | ``--max-jobs-per-tenant`` | queued + running jobs | 64 |
 | ``--max-queued-per-tenant`` | accepted requests not finished yet (training, sampling, control) | 1024 |
