@@ -163,3 +163,27 @@ def test_engine_failure_stops_with_a_resumable_checkpoint(tmp_path, fake_rollout
     fake_rollout.fail_from = None
     summary = RLJob(load_rl_config(tmp_path / "rl.yaml"), resume=True, progress=False, log=lambda *a: None).run()
     assert sorted(summary["adapters"]) == ["ppo", "up"]
+
+
+def test_no_rollout_block_never_touches_an_engine(tmp_path, monkeypatch):
+    """Without `rollout:` the built-in sampler runs as before: no engine module is imported, no
+    snapshot is taken, no engine metric is logged, and two runs are bit-identical."""
+    poisoned = types.ModuleType("lorafleet.rollout")
+
+    def refuse(*a, **k):
+        raise AssertionError("the built-in path reached the rollout engine")
+
+    poisoned.__getattr__ = lambda name: refuse()
+    monkeypatch.setitem(sys.modules, "lorafleet.rollout", poisoned)
+    monkeypatch.setattr(Fleet, "snapshot", refuse, raising=False)
+    runs = []
+    for i in range(2):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        cfg = load_rl_config(rl_yaml(d))
+        RLJob(cfg, progress=False, log=lambda *a: None).run()
+        lines = (d / "run" / "up" / "metrics.jsonl").read_text().splitlines()[1:]
+        recs = [{k: v for k, v in json.loads(ln).items() if "time" not in k and "per_s" not in k} for ln in lines]
+        assert recs and not any("kl_sample_train" in r for r in recs)
+        runs.append(recs)
+    assert runs[0] == runs[1]
