@@ -57,14 +57,11 @@ class BudgetedFleet:
         parts = [fleet.forward_backward(examples[a:b], loss_fn, loss_fn_config, forward_only=forward_only)
                  for a, b in ranges]
         vars(self)["pieces"] += len(parts)
-        metrics: dict[str, dict[str, float]] = {}
-        for p in parts:
-            for adapter, m in p.metrics.items():
-                acc = metrics.setdefault(adapter, {})
-                for k, v in m.items():
-                    acc[k] = acc.get(k, 0.0) + v
-        return ForwardBackwardResult(logprobs=[x for p in parts for x in p.logprobs],
-                                     losses=[x for p in parts for x in p.losses],
+        losses = [x for p in parts for x in p.losses]
+        # the fleet's own per-adapter sums over the whole batch, in example order (as uncut, and
+        # as the distributed gather does), not a re-summing of the pieces' sums
+        metrics = _engine(fleet)._metrics(examples, losses, forward_only)
+        return ForwardBackwardResult(logprobs=[x for p in parts for x in p.logprobs], losses=losses,
                                      entropy=[x for p in parts for x in p.entropy], metrics=metrics)
 
     def sample(self, requests, params=None):
