@@ -148,9 +148,13 @@ def _serve(args) -> int:
                   max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,
                   dataset_roots=args.dataset_root, store=args.store,
                   cross_tenant_batching=not args.one_tenant_per_step,
+                  rollout_url=args.rollout_url, rollout_engine=args.rollout_engine,
+                  rollout_max_rank=args.rollout_max_rank, rollout_retries=args.rollout_retries,
                   **{k: getattr(args, k) for k in SERVE_LIMITS})
     parallelism = {k: v for k in PARALLELISM_FLAGS if (v := getattr(args, "parallelism." + k)) is not None}
     if parallelism or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 serves, the others follow
+        if args.rollout_url:
+            raise ValueError("--rollout-url does not run under --parallelism / torchrun yet")
         from .service.ranks import serve_on_ranks
 
         return serve_on_ranks(parallelism or None, **kwargs)
@@ -230,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"{help_} (default: {default})")
     for name, (type_, help_) in PARALLELISM_FLAGS.items():  # under torchrun, see docs/distributed.md
         s.add_argument(f"--parallelism.{name}", type=type_, metavar="S" if type_ is float else "N", help=help_)
+    s.add_argument("--rollout-url", default="", metavar="URL",
+                   help="sample through this running vLLM / SGLang server (same base, --enable-lora) instead of "
+                        "the built-in decoder: sampler weights are pushed into it (docs/rollout.md)")
+    s.add_argument("--rollout-engine", choices=("vllm", "sglang"), default="vllm", help="what --rollout-url runs")
+    s.add_argument("--rollout-max-rank", type=int, default=0, metavar="N",
+                   help="the engine's --max-lora-rank (default 0: this server's --max-rank)")
+    s.add_argument("--rollout-retries", type=int, default=2, metavar="N",
+                   help="tries after the first of each call to the engine (default 2)")
     s.set_defaults(fn=_serve)
     jobs = {"submit": "submit an adapter job to a running `lorafleet serve`",
             "status": "list your jobs, or show one job's status and metrics",

@@ -62,6 +62,11 @@ class ServiceConfig:
     max_sessions_per_tenant: int = 256
     max_jobs_per_tenant: int = 64
     max_queued_per_tenant: int = 1024
+    # sampling through a rollout engine (rollout_sampling.py); "": the built-in decoder
+    rollout_url: str = ""
+    rollout_engine: str = "vllm"  # "vllm" | "sglang"
+    rollout_max_rank: int = 0  # the engine's --max-lora-rank (0: this server's max_rank)
+    rollout_retries: int = 2  # tries after the first of each engine call
 
 
 MAX_SEED = 2**63 - 1  # seeds are int64 (torch.Generator.manual_seed)
@@ -112,6 +117,11 @@ class Service:
 
             tokenizer_dir = str(save_tokenizer(tokenizer, self.data_dir / "tokenizer").resolve())
         self.tokenizer_dir = tokenizer_dir
+        self.rollout = None  # sampling through a rollout engine; checked against our base before any thread starts
+        if self.config.rollout_url:
+            from .rollout_sampling import start_engine_sampling
+
+            self.rollout = start_engine_sampling(self)
         self._linear_names = self.fleet.linear_names
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s,
@@ -137,6 +147,8 @@ class Service:
             log.warning("shutdown: %d operation(s) still queued or running after %g s", self.scheduler.queued(),
                         grace_s)
         self.scheduler.stop()
+        if self.rollout is not None:
+            self.rollout.close()
         if grace_s > 0:
             lost = self.store.fail_pending("the server shut down before this request finished, so it was not "
                                            "completed; send it again")
@@ -227,6 +239,8 @@ class Service:
             for x in samplers:
                 if x.adapter_key:
                     self.scheduler.drop_sampler_adapter(x.adapter_key)
+                    if self.rollout is not None:
+                        self.rollout.drop(x.adapter_key)
                 if x.source and x.source[0] == "peft":
                     shutil.rmtree(x.source[1], ignore_errors=True)
             return {}
@@ -432,6 +446,8 @@ class Service:
             s.adapter_key = f"{tenant}/{sampler_id}"
             self.store.update(s)
             self._register_loader(s)
+            if self.rollout is not None:  # the snapshot now, in seq order; pushed off this thread
+                self.rollout.stage(s, fleet, m.adapter)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
         return self._submit_model_op(tenant, m, seq, "save_weights_for_sampler", fn)
@@ -544,7 +560,7 @@ class Service:
             adapter = s.adapter_key
         else:
             self.check_base(body.get("base_model"))
-            adapter = None
+            adapter, s = None, None
         prompt = _prompt_tokens(body.get("prompt"))
         if not prompt:
             raise Invalid("prompt has no tokens")
@@ -592,6 +608,11 @@ class Service:
         if last_n is not None and (not isinstance(last_n, int) or not 1 <= last_n <= len(prompt) - 1):
             raise Invalid("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
         self.budget.check_sample(n, len(prompt), max_tokens, bool(body.get("prompt_logprobs")))
+        if self.rollout is not None and self.rollout.takes(s):  # the engine samples, off the scheduler thread
+            self.rollout.check_door()
+            rid = self._future(tenant, "sample")
+            self.rollout.submit(rid, s, prompt, n, params, bool(body.get("prompt_logprobs")), last_n)
+            return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{j}" for j in range(n)]}
         rid = self._future(tenant, "sample")
         self.scheduler.submit(Op(rid, tenant, "sample", sample={
             "adapter": adapter, "prompt": prompt, "num_samples": n, "params": params,

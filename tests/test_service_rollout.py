@@ -1,0 +1,292 @@
+"""`lorafleet serve --rollout-url`: the service's sampling served by a rollout engine.
+
+The engine here is an in-process RolloutEngine over a second Fleet on the same base (a copy the
+service does not share): a push loads the snapshot's files there, so what it samples proves which
+weights were pushed. The service runs under uvicorn in a thread and the official tinker SDK is
+the client. The real vLLM version of these checks is at the end (the `vllm_server` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import tinker
+from tinker import types
+
+from lorafleet.engine import Fleet
+from lorafleet.engine.sampling import SampleRequest
+from lorafleet.rollout import RolloutError
+from lorafleet.service import rollout_sampling
+from lorafleet.service.core import ServiceConfig
+from lorafleet.service.server import ServerThread, build_service, free_port, load_service_base, make_app
+from lorafleet.types import Example
+
+KEY = "tml-alice-0123456789"
+T = 60
+BASE = "debug:qwen3"  # dense: what vLLM's CPU LoRA can run
+
+
+class FleetEngine:
+    """A RolloutEngine over its own Fleet: push writes the snapshot (as a sink does) and loads it."""
+
+    def __init__(self, directory, seed: int = 0):
+        from lorafleet.models.debug import build_debug_model
+
+        model, tok, _, _ = load_service_base(BASE, log_fn=lambda *a: None)
+        if seed:
+            model = build_debug_model("qwen3", seed=seed)
+        self.fleet = Fleet(model, max_adapters=16, max_rank=8)
+        self.fleet.tokenizer = tok
+        self.dir, self.lock = directory, threading.Lock()
+        self.pushes, self.unloads, self.generates = [], [], []
+        self.fail: Exception | None = None
+        self.gate: threading.Event | None = None  # generate waits on it (a request in flight)
+
+    def _maybe_fail(self):
+        if self.fail is not None:
+            raise self.fail
+
+    def push(self, snap):
+        self._maybe_fail()
+        d = snap.write(self.dir / snap.name)
+        with self.lock:
+            if snap.name in self.fleet.adapters:
+                self.fleet.remove_adapter(snap.name)
+            self.fleet.load_adapter(snap.name, d)
+        self.pushes.append((snap.name, snap.layout, snap.rank))
+        return snap.name
+
+    def generate(self, adapter, prompts, params, n):
+        if self.gate is not None:
+            self.gate.wait(T)
+        self._maybe_fail()
+        self.generates.append(adapter)
+        with self.lock:
+            return self.fleet.sample([SampleRequest(adapter, p, n) for p in prompts], params)
+
+    def prompt_logprobs(self, adapter, tokens):
+        self._maybe_fail()
+        with self.lock:
+            res = self.fleet.forward_backward([Example(adapter, tokens[:-1], tokens[1:])], "cross_entropy", None,
+                                              forward_only=True)
+        return [None] + [float(x) for x in res.logprobs[0]]
+
+    def unload(self, name):
+        with self.lock:
+            self.fleet.remove_adapter(name)
+        self.unloads.append(name)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def engine_server(tmp_path_factory):
+    engine = FleetEngine(tmp_path_factory.mktemp("engine"))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rollout_sampling, "make_service_engine", lambda *a: engine)
+    mp.setattr(rollout_sampling, "RETRY_AFTER_S", 1.0)
+    cfg = ServiceConfig(data_dir=str(tmp_path_factory.mktemp("svc")), max_adapters=8, max_rank=8, long_poll_s=5.0,
+                        rollout_url="http://engine.test:8000", rollout_retries=1)
+    svc = build_service(BASE, cfg, log_fn=lambda *a: None)
+    svc.rollout.retry_wait_s = 0.01
+    app, _ = make_app(svc, keys={KEY: "alice"})
+    srv = ServerThread(app)
+    url = srv.start()
+    yield svc, url, engine
+    srv.stop()
+    svc.close()
+    mp.undo()
+
+
+def datum(tok, text):
+    ids = tok.encode(text)
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+
+
+def trained_client(sc, svc, steps=2):
+    tc = sc.create_lora_training_client(base_model=svc.base_name, rank=4, seed=2).result(timeout=T)
+    tok = tc.get_tokenizer()
+    for _ in range(steps):
+        tc.forward_backward([datum(tok, "the cat sat on the mat")], "cross_entropy").result(timeout=T)
+        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result(timeout=T)
+    return tc, tok
+
+
+def last_sampler_id(svc) -> str:
+    """The sampler id of the weights pushed last (keys are tenant/sampler_id)."""
+    return list(svc.rollout.loaded())[-1].split("/", 1)[1]
+
+
+def own_greedy(svc, adapter, prompt, max_tokens):
+    """What the service's own fleet samples for ``adapter`` (the built-in decoder's answer)."""
+    from lorafleet.engine import SamplingParams
+
+    done = threading.Event()
+    out = {}
+
+    def fn(fleet):  # on the scheduler thread, like every engine call of the service
+        out["seq"] = fleet.sample([SampleRequest(adapter, prompt, 1)],
+                                  SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_on_eos=False))[0][0]
+        done.set()
+        return {}
+
+    from lorafleet.service.scheduler import Op
+
+    svc.scheduler.submit(Op(svc.futures.create("alice", "test", durable=False), "alice", "control", fn))
+    assert done.wait(T)
+    return out["seq"]
+
+
+def test_samples_go_to_the_engine_with_the_saved_weights(engine_server):
+    svc, url, engine = engine_server
+    calls = svc.scheduler.stats["sample_calls"]
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = tok.encode("the cat")
+        model_id = tc.model_id
+        ref = own_greedy(svc, svc.adapter_name("alice", model_id), prompt, 8)
+        res = sampler.sample(types.ModelInput.from_ints(prompt), 2,
+                             types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])).result(timeout=T)
+        # the SDK's shape: tokens, per-token logprobs, stop reason
+        for s in res.sequences:
+            assert s.tokens == ref.tokens and s.stop_reason == "length"
+            assert s.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+        lps = sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result(timeout=T)
+        assert lps[0] is None and len(lps) == len(prompt)
+        # a second save is a new name (a sampler is a frozen copy): the first one keeps its weights
+        tc.forward_backward([datum(tok, "zz qq zz qq")], "cross_entropy").result(timeout=T)
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=T)
+        sampler2 = tc.save_weights_and_get_sampling_client()
+        again = sampler.sample(types.ModelInput.from_ints(prompt), 1,
+                               types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])).result(timeout=T)
+        assert again.sequences[0].tokens == ref.tokens
+        sampler2.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=4)).result(timeout=T)
+        names = list(svc.rollout.loaded().values())
+        assert len(names) == 2 and all(n.startswith("lf-") for n in names)
+        assert [p[0] for p in engine.pushes[-2:]] == names and all(p[1] == "peft" and p[2] == 4
+                                                                  for p in engine.pushes[-2:])
+        # the base model is sampled by the engine too
+        base = sc.create_sampling_client(base_model=svc.base_name)
+        base.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=3)).result(timeout=T)
+        assert engine.generates[-1] is None
+    # none of it ran on the scheduler (the training thread); closing the session unloads both
+    assert svc.scheduler.stats["sample_calls"] == calls
+    deadline = time.monotonic() + 10
+    while not set(names) <= set(engine.unloads):
+        assert time.monotonic() < deadline, (names, engine.unloads)
+        time.sleep(0.05)
+    assert svc.rollout.loaded() == {}
+
+
+def test_a_sampler_path_and_a_restart_push_from_the_saved_directory(engine_server):
+    svc, url, engine = engine_server
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        path = tc.save_weights_for_sampler("for-engine").result(timeout=T).path
+        n = len(engine.pushes)
+        s = sc.create_sampling_client(model_path=path)
+        prompt = tok.encode("on the")
+        ref = own_greedy(svc, svc.adapter_name("alice", tc.model_id), prompt, 6)
+        got = s.sample(types.ModelInput.from_ints(prompt), 1,
+                       types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result(timeout=T)
+        assert got.sequences[0].tokens == ref.tokens
+        assert len(engine.pushes) == n + 1
+
+
+def test_engine_errors_are_the_engines_answer_and_training_goes_on(engine_server):
+    svc, url, engine = engine_server
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints(tok.encode("the"))
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)
+        engine.fail = RolloutError("HTTP 500 {'error': 'engine is sad'}")
+        try:
+            with pytest.raises(tinker.RequestFailedError, match=r"rollout engine vllm at http://engine\.test:8000: "
+                                                                r"HTTP 500 .*engine is sad"):
+                sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)
+            # while it fails, new requests are refused at the door: 502 naming its answer (the SDK retries)
+            body = {"sampling_session_id": last_sampler_id(svc), "num_samples": 1,
+                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt.to_ints()}]},
+                    "sampling_params": {"max_tokens": 2}}
+            with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=10) as http:
+                r = http.post("/api/v1/asample", json=body)
+                assert r.status_code == 502 and "engine is sad" in r.json()["error"], r.text
+                engine.fail = OSError("[Errno 111] Connection refused")
+                time.sleep(1.05)
+                assert http.post("/api/v1/asample", json=body).status_code == 200  # let through once...
+                deadline = time.monotonic() + 10
+                while (r := http.post("/api/v1/asample", json=body)).status_code == 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                assert r.status_code == 503 and "Connection refused" in r.json()["error"], r.text
+            # training is untouched by all of it
+            out = tc.forward_backward([datum(tok, "the cat")], "cross_entropy").result(timeout=T)
+            assert out.metrics["loss:sum"] > 0
+        finally:
+            engine.fail = None
+        time.sleep(1.05)
+        assert len(sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T).sequences) == 1
+
+
+def test_a_closed_session_unloads_only_after_its_requests_finish(engine_server):
+    svc, url, engine = engine_server
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints(tok.encode("the"))
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)
+        name = list(svc.rollout.loaded().values())[-1]
+        engine.gate = threading.Event()
+        try:
+            fut = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2))
+            deadline = time.monotonic() + 10
+            while not any(p.in_flight for p in svc.rollout._adapters.values()):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            session_id = last_sampler_id(svc).split(":")[0]
+            svc.futures.wait_sync(svc.finish_session("alice", session_id), T)
+            time.sleep(0.5)  # the session is finished, its request still runs: nothing unloaded
+            assert name not in engine.unloads and name not in svc.rollout.loaded().values()
+        finally:
+            engine.gate.set()
+            engine.gate = None
+        assert len(fut.result(timeout=T).sequences) == 1
+        deadline = time.monotonic() + 10
+        while name not in engine.unloads:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_another_base_or_no_engine_refuses_to_start(tmp_path, monkeypatch):
+    other = FleetEngine(tmp_path / "e", seed=7)
+    monkeypatch.setattr(rollout_sampling, "make_service_engine", lambda *a: other)
+    cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, rollout_url="http://engine.test:1")
+    with pytest.raises(ValueError, match=r"does not serve this server's base 'debug:qwen3'.*nats per token") as e:
+        build_service(BASE, cfg, log_fn=lambda *a: None)
+    assert "\n" not in str(e.value)
+    other.fail = OSError("[Errno 111] Connection refused")
+    with pytest.raises(ValueError, match=r"rollout engine vllm at http://engine\.test:1: could not ask it .*refused"):
+        build_service(BASE, cfg, log_fn=lambda *a: None)
+
+
+def test_serve_with_an_unreachable_engine_is_one_line(tmp_path):
+    """A real `lorafleet serve` process: a --rollout-url nothing listens on stops it at start, one line."""
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(free_port()), "--data-dir",
+                           str(tmp_path), "--base", BASE, "--max-rank", "8", "--threads", "1",
+                           "--rollout-url", f"http://127.0.0.1:{port}", "--rollout-retries", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("lorafleet serve: error: rollout engine vllm"), proc.stderr
+    assert "Traceback" not in proc.stderr
