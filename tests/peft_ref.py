@@ -58,6 +58,10 @@ def peft_grads(peft_model, fleet: lf.Fleet, name: str) -> dict[str, torch.Tensor
         pre = f"base_model.model.{path}"
         out[f"{path}.A"] = params[f"{pre}.lora_A.default.weight"].grad
         out[f"{path}.B"] = params[f"{pre}.lora_B.default.weight"].grad
+    for path in w.embeddings:  # PEFT lora.Embedding parameters have no ".weight"
+        pre = f"base_model.model.{path}"
+        out[f"{path}.A"] = params[f"{pre}.lora_embedding_A.default"].grad
+        out[f"{path}.B"] = params[f"{pre}.lora_embedding_B.default"].grad
     shared = SHARED_FACTORS[config.expert_sharing]
     for path, arch in w.experts_arch.items():
         if path not in w.experts:

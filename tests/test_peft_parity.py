@@ -369,11 +369,14 @@ def test_lora_variants_are_refused(field, value, tmp_path):
         load_adapter_dir(d)
 
 
-def test_lm_head_lora_is_refused_by_the_fleet(tmp_path):
-    _, _, d = peft_adapter("llama", tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+def test_lm_head_lora_loads_with_peft_logits(tmp_path):
+    """Refused before issue 13's attachment; now the head is a LoRA target (tests/test_embedding_attach.py)."""
+    _, pm, d = peft_adapter("llama", tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     fleet = lf.Fleet(base_model("llama"), max_adapters=2, max_rank=8)
-    with pytest.raises(ValueError, match="lm_head.*not supported"):
-        fleet.load_adapter("x", d)
+    fleet.load_adapter("x", d)
+    ids, _ = inputs()
+    with torch.no_grad():
+        assert rel(fleet.forward(ids, adapters=["x"] * B).logits, pm(input_ids=ids).logits) <= TOL
 
 
 def test_export_cuts_zero_rank_tails_per_module(tmp_path):

@@ -48,6 +48,13 @@ FORMATS = ("peft", "vllm", "sglang")
 # (measured on transformers 5.24: such a PEFT file does not load faithfully in PEFT)
 PEFT_REMAPPED_TARGETS = {t: {"gate_proj", "up_proj", "down_proj"} for t in (
     "deepseek_v3", "deepseek_v2", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "qwen3_next")}
+# model types whose vLLM 0.32 model class declares `embedding_modules` {"embed_tokens", "lm_head"}
+# (vllm/model_executor/models/*.py; vLLM's LoRA loader skips embedding / lm_head LoRA elsewhere,
+# e.g. Mistral sets it to {} and Qwen2, Qwen2-MoE, OLMoE, DeepSeek, GPT-OSS have none)
+VLLM_VOCAB_LORA_TYPES = frozenset({
+    "llama", "qwen3", "qwen3_moe", "mixtral", "granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
+    "exaone", "exaone4", "jamba", "phimoe", "lfm2", "lfm2_moe", "apertus", "nemotron", "nemotron_h", "minicpm",
+    "solar", "falcon_h1"})
 LORAFLEET_VERSION = "0.1.0"
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.\d+\.(.+)$")
 
@@ -81,6 +88,7 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     r = cfg.rank
     archs = _check_weights(weights)
     interleaved = {p: archs[p].interleaved_gate_up for p in archs}
+    _check_vocab_export(weights, format)
     if format == "sglang":
         bad = [p for p, il in interleaved.items() if il]
         if bad:
@@ -96,7 +104,11 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
         k = used.get(p, r)
         tensors[f"{PREFIX}{p}.lora_A.weight"] = a[:k].detach().cpu().contiguous().clone()
         tensors[f"{PREFIX}{p}.lora_B.weight"] = b[:, :k].detach().cpu().contiguous().clone()
-    target_modules = {p.rsplit(".", 1)[-1] for p in weights.dense}
+    for p, (a, b) in weights.embeddings.items():  # PEFT lora.Embedding names (no ".weight")
+        k = used.get(p, r)
+        tensors[f"{PREFIX}{p}.lora_embedding_A"] = a[:k].detach().cpu().contiguous().clone()
+        tensors[f"{PREFIX}{p}.lora_embedding_B"] = b[:, :k].detach().cpu().contiguous().clone()
+    target_modules = {p.rsplit(".", 1)[-1] for p in list(weights.dense) + list(weights.embeddings)}
     target_parameters: set[str] = set()
     projs_used = [pr for pr in PROJS if any(pr in d for d in weights.experts.values())]
     mixtral = weights.model_type == "mixtral"
@@ -161,6 +173,25 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     return tensors, adapter_config, meta
 
 
+def _check_vocab_export(weights: AdapterWeights, format: str) -> None:  # noqa: A002
+    """vLLM / SGLang layouts of LoRA on the LM head / input embedding: refused where the engine
+    does not load it (it would serve the adapter without those deltas)."""
+    vocab = [p for p in list(weights.embeddings) + list(weights.dense) if p in weights.embeddings
+             or p.rsplit(".", 1)[-1] == "lm_head"]
+    if not vocab or format == "peft":
+        return
+    if format == "vllm" and weights.model_type not in VLLM_VOCAB_LORA_TYPES:
+        raise AdapterFormatError(
+            f"format 'vllm': the adapter has LoRA on {vocab[0]!r}, but vLLM 0.32 does not load embedding / lm_head "
+            f"LoRA for model type {weights.model_type or '(unknown)'!r} (its model class declares no "
+            "embedding_modules); export with format 'peft', or train without embed_tokens / lm_head targets")
+    if format == "sglang":
+        raise AdapterFormatError(
+            f"format 'sglang': the adapter has LoRA on {vocab[0]!r}; lorafleet's SGLang layout covers the decoder "
+            "linears and experts only (embedding / lm_head LoRA in SGLang is unverified); export with format 'peft'"
+            " or 'vllm'")
+
+
 def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
@@ -174,7 +205,7 @@ def _used_ranks(weights: AdapterWeights) -> dict[str, int]:
         idx = nz.nonzero()
         return int(idx[-1]) + 1 if idx.numel() else 1
 
-    out = {p: used(a, b, 0, 1) for p, (a, b) in weights.dense.items()}
+    out = {p: used(a, b, 0, 1) for p, (a, b) in list(weights.dense.items()) + list(weights.embeddings.items())}
     for p, projs in weights.experts.items():
         for proj, (a, b) in projs.items():
             out[f"{p}.{PARAM_OF_PROJ[proj]}"] = used(a, b, 1, 2)
@@ -215,7 +246,7 @@ def _rank_patterns(used: dict[str, int], r: int, alpha: float, rslora: bool):
 def _check_weights(weights: AdapterWeights) -> dict[str, ExpertsArch]:
     """Validate shapes against the rank; return an ExpertsArch for every experts path."""
     r = weights.config.rank
-    for p, (a, b) in weights.dense.items():
+    for p, (a, b) in list(weights.dense.items()) + list(weights.embeddings.items()):
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFormatError(
                 f"dense {p!r}: A {list(a.shape)} / B {list(b.shape)} disagree with rank {r} "
@@ -270,8 +301,8 @@ def _write_dir(path: Path, tensors, adapter_config, meta) -> None:
 
 # =============================================================================== load
 def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None,
-                     model_type: str = "", linear_shapes: dict[str, tuple[int, int]] | None = None
-                     ) -> AdapterWeights:
+                     model_type: str = "", linear_shapes: dict[str, tuple[int, int]] | None = None,
+                     embedding_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterWeights:
     """Read an adapter directory in any of the three layouts into :class:`AdapterWeights`.
 
     ``experts_arch[path]`` (E / H / I and the gate/up row order per experts module) is required
@@ -285,10 +316,14 @@ def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None
     ``linear_shapes`` (path -> (in, out) of every base linear that can carry LoRA, as a fleet
     passes it): modules of the targeted names that the file leaves out (``layers_to_transform``,
     regex ``target_modules``) and experts modules / projections it leaves out get zero LoRA, which
-    stays zero under training; a module that is not among them (router, ``lm_head``) is refused.
+    stays zero under training; a module that is not among them (a router) is refused. The LM head
+    is a linear like any other (PEFT ``lm_head.lora_A/B.weight``); ``embedding_shapes`` (path ->
+    (vocab, dim)) names the input embeddings whose ``lora_embedding_A/B`` the file may hold. A
+    ``...base_layer.weight`` PEFT saved beside them comes back in ``base_layers`` (the fleet
+    refuses the adapter unless it equals its own base weight).
 
     Refused with :class:`AdapterFormatError` (a ``ValueError``) naming the field or key: anything
     lorafleet cannot reproduce, e.g. PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ adapters saved
     without PEFT's ``path_initial_model_for_weight_conversion``, router LoRA, DoRA, LoRA variants.
     """
-    return load_dir(path, experts_arch, model_type, linear_shapes)
+    return load_dir(path, experts_arch, model_type, linear_shapes, embedding_shapes)

@@ -20,6 +20,8 @@ from .formats_peft_config import check_config, not_a_target, pattern_value, peft
 from .weights import AdapterWeights, ExpertsArch
 
 _KEY_RE = re.compile(r"^(.*)\.lora_([AB])\.weight$")
+_EMB_KEY_RE = re.compile(r"^(.*)\.lora_embedding_([AB])$")  # PEFT lora.Embedding: no ".weight"
+_BASE_KEY_RE = re.compile(r"^(.*)\.base_layer\.weight$")  # PEFT's save_embedding_layers copies
 _PER_EXPERT_RE = re.compile(r"^(.*experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)$")
 _SGLANG_RE = re.compile(r"^(.*experts)\.(gate_up_proj|down_proj)$")
 
@@ -52,7 +54,8 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
-             linear_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterWeights:
+             linear_shapes: dict[str, tuple[int, int]] | None = None,
+             embedding_shapes: dict[str, tuple[int, int]] | None = None) -> AdapterWeights:
     root = Path(path)
     if not root.is_dir():
         raise AdapterFormatError(f"{root}: not an adapter directory (missing or not a directory)")
@@ -65,23 +68,37 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
     archs = dict(experts_arch or {})
     legacy = bool(re.match(r"^0\.1[78]\.", version))
 
-    # pair keys: stem -> {"A": t, "B": t}
+    def strip(stem):
+        return stem[len(PREFIX):] if stem.startswith(PREFIX) else stem
+
+    # pair keys: stem -> {"A": t, "B": t}; embeddings (lora_embedding_A/B) apart
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    emb_pairs: dict[str, dict[str, torch.Tensor]] = {}
+    base_layers: dict[str, torch.Tensor] = {}
     for key, t in raw.items():
-        m = _KEY_RE.match(key)
-        if not m:
-            what = " (expected ...lora_A.weight / ...lora_B.weight)"
-            if re.search(r"lora_embedding_|embed_tokens|lm_head", key):
-                what = (" (LoRA on lm_head / embed_tokens is not supported: lorafleet puts LoRA on the decoder "
-                        "layers' linears and packed experts only)")
-            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: unsupported key {key!r}{what}")
-        stem = m.group(1)[len(PREFIX):] if m.group(1).startswith(PREFIX) else m.group(1)
-        pairs.setdefault(stem, {})[m.group(2)] = t
-    for stem, ab in pairs.items():
-        if len(ab) != 2:
-            have, miss = ("A", "B") if "A" in ab else ("B", "A")
-            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: key {stem}.lora_{have}.weight has no "
-                                     f"lora_{miss} partner ({stem}.lora_{miss}.weight missing)")
+        if m := _KEY_RE.match(key):
+            pairs.setdefault(strip(m.group(1)), {})[m.group(2)] = t
+        elif m := _EMB_KEY_RE.match(key):
+            emb_pairs.setdefault(strip(m.group(1)), {})[m.group(2)] = t
+        elif m := _BASE_KEY_RE.match(key):
+            base_layers[strip(m.group(1))] = t
+        else:
+            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: unsupported key {key!r} (expected ...lora_A.weight / "
+                                     "...lora_B.weight, or ...lora_embedding_A / ...lora_embedding_B)")
+    for stems, fmt in ((pairs, "{}.lora_{}.weight"), (emb_pairs, "{}.lora_embedding_{}")):
+        for stem, ab in stems.items():
+            if len(ab) != 2:
+                have, miss = ("A", "B") if "A" in ab else ("B", "A")
+                raise AdapterFormatError(f"{root / WEIGHTS_FILE}: key {fmt.format(stem, have)} has no "
+                                         f"partner ({fmt.format(stem, miss)} missing)")
+    both = sorted(set(pairs) & set(emb_pairs))
+    if both:
+        raise AdapterFormatError(f"{root / WEIGHTS_FILE}: module {both[0]!r} has both linear and embedding LoRA keys")
+    if emb_pairs and cfg.get("ensure_weight_tying"):
+        raise AdapterFormatError(
+            f"{cfg_file}: field 'ensure_weight_tying' is true: PEFT then ties the lm_head LoRA to the embedding "
+            "LoRA (one shared pair, lm_head A = embedding B.T); lorafleet trains LoRA on embed_tokens and lm_head "
+            "as separate deltas (PEFT's default), so it cannot continue that adapter exactly")
 
     tp_parts = [(t.rpartition(".")[0], t.rpartition(".")[2]) for t in tps]
     for tp, (mp, pname) in zip(tps, tp_parts):
@@ -190,9 +207,34 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
             if stem not in linear_shapes:
                 raise not_a_target(root / WEIGHTS_FILE, stem, b.shape[0], archs, linear_shapes)
 
-    return _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
-                   sglang_only=bool(sglang) and not per_expert, file=root / META_FILE,
-                   linear_shapes=linear_shapes, archs=archs)
+    # embeddings: PEFT lora.Embedding, A [r, V], B [D, r]; padded / scaled like a dense module
+    for stem, ab in emb_pairs.items():
+        a, b = ab["A"], ab["B"]
+        key = f"{PREFIX}{stem}.lora_embedding_A"
+        if embedding_shapes is not None and stem not in embedding_shapes:
+            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: {key}: no input embedding {stem!r} in this base model "
+                                     f"(it has {sorted(embedding_shapes) or 'none'})")
+        rm, rdesc = module_rank(stem)
+        want = embedding_shapes.get(stem) if embedding_shapes is not None else None
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rm or b.shape[1] != rm or (
+                want is not None and (a.shape[1], b.shape[0]) != want):
+            raise AdapterFormatError(
+                f"{key}: lora_embedding_A {list(a.shape)} / lora_embedding_B {list(b.shape)} disagree with {rdesc}"
+                + (f" and the base embedding ({want[0]} tokens x {want[1]})" if want else "")
+                + " (expected lora_embedding_A [r, vocab], lora_embedding_B [dim, r])")
+        dense[stem] = (a, b)
+        scales[stem] = module_scale(stem, rm)
+    for stem in base_layers:
+        if stem not in dense:
+            raise AdapterFormatError(f"{root / WEIGHTS_FILE}: unsupported key {PREFIX}{stem}.base_layer.weight "
+                                     "(a saved base weight of a module without LoRA in this file)")
+
+    w = _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
+                sglang_only=bool(sglang) and not per_expert, file=root / META_FILE,
+                linear_shapes=linear_shapes, archs=archs)
+    w.embeddings = {stem: w.dense.pop(stem) for stem in emb_pairs}
+    w.base_layers = base_layers
+    return w
 
 
 def _read_per_expert(pfile, by_e, archs, r, model_type):

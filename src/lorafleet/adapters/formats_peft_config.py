@@ -44,7 +44,9 @@ def check_config(cfg: dict, file: Path):
     if cfg.get("lora_bias"):
         raise bad("lora_bias", "is true; LoRA biases are not supported")
     if cfg.get("modules_to_save"):
-        raise bad("modules_to_save", f"is {cfg.get('modules_to_save')!r}; fully trained modules are not supported")
+        raise bad("modules_to_save", f"is {cfg.get('modules_to_save')!r}: a full trained copy of a module per adapter "
+                  "is not a LoRA slot (lorafleet shares one frozen base); for new tokens put LoRA on them instead, "
+                  "target_modules ['embed_tokens', 'lm_head']")
     for field, what in _VARIANT_FIELDS.items():
         if cfg.get(field):
             raise bad(field, f"is {cfg.get(field)!r}: PEFT's {what} is not plain LoRA; lorafleet does not implement it")
@@ -181,5 +183,5 @@ def not_a_target(file, stem, out, archs, linear_shapes) -> AdapterFormatError:
                                   f"{_ROUTER_HINT}")
     short = sorted({p.rsplit(".", 1)[-1] for p in linear_shapes})
     return AdapterFormatError(f"{file}: {key}: unknown target module {stem!r} for this base model; lorafleet puts LoRA "
-                              f"on the decoder layers' linears ({', '.join(short)}) and packed experts only "
-                              "(not on lm_head, embeddings or routers)")
+                              f"on the decoder layers' linears ({', '.join(short)}), packed experts, lm_head "
+                              "and the input embedding only (not on routers)")

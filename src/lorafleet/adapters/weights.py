@@ -13,6 +13,10 @@ Conventions (independent of how the base model stores its weights):
   ``A [E_A, r, in]`` and ``B [E_B, out, r]`` where ``E_A`` / ``E_B`` is 1 for a factor shared by
   all experts and ``E`` otherwise (``"none"``: both E; ``"shared_a"``: A 1; ``"shared_outer"``:
   gate_up A 1 and down B 1).
+- the LM head (PEFT target ``"lm_head"``) is a dense module like any linear: ``A [r, H]``,
+  ``B [V, r]``.
+- input embedding ``path`` (e.g. ``"model.embed_tokens"``, PEFT target ``"embed_tokens"``), PEFT's
+  ``lora.Embedding`` layout: ``A [r, V]``, ``B [D, r]``, update ``scale * A.T[ids] @ B.T``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class AdapterWeights:
     config: AdapterConfig
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # base weights a PEFT file carries for its embedding / LM head LoRA (``...base_layer.weight``,
+    # PEFT's save_embedding_layers): read on import only, checked against the fleet's base
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
     # facts about the base model the formats need (filled by the fleet)
     model_type: str = ""
     base_model_name_or_path: str = ""
@@ -54,3 +62,6 @@ class AdapterWeights:
             for proj, (a, b) in projs.items():
                 yield f"{path}.{proj}.A", a
                 yield f"{path}.{proj}.B", b
+        for path, (a, b) in self.embeddings.items():
+            yield f"{path}.A", a
+            yield f"{path}.B", b

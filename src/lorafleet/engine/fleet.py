@@ -11,9 +11,12 @@ from ..adapters.weights import AdapterWeights, ExpertsArch
 from ..config import AdapterConfig
 from ..lora import Routing, SlotBank, SlotInfo, use_routing
 from ..lora.experts import SHARED_FACTORS
-from ..lora.linear import kaiming_uniform_A
+from ..lora.embedding import peft_embedding_init
+from ..lora.linear import dropout_noise, kaiming_uniform_A
 from ..lora.routing import RoutingCheckpoint
 from ..models import arch_spec, attach
+from ..models.attach import attach_vocab, vocab_modules
+from .logprobs import HeadLoRARun
 from .sampling import SamplingMixin
 from .snapshot import SnapshotMixin
 from .state import StateMixin
@@ -30,6 +33,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
     ``dtype``: the LoRA factors' dtype (default: the base's). A bf16 base trains in mixed precision:
     bf16 compute; fp32 loss math, gradient accumulation, AdamW moments and master weights; an
     fp16 base adds a per-adapter dynamic loss scale (see docs/precision.md).
+    LoRA on the LM head and the input embedding (``target_modules`` ``"lm_head"`` /
+    ``"embed_tokens"``, as in PEFT) is attached at the first adapter that asks for it: its banks
+    hold ``max_adapters × max_rank × (vocab + hidden)`` values each (docs/architectures.md).
     ``expert_lora``: LoRA on the packed MoE experts too. None (default): where lorafleet supports
     the model's experts (dense LoRA only on e.g. Llama 4 / DBRX); True: required (a ValueError
     where the experts are not supported); False: off.
@@ -51,6 +57,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
             expert_lora = not self.spec.experts_problems
         self.expert_lora = bool(expert_lora) and self.spec.moe
         self._att = attach(model, self.spec, self.bank, experts=self.expert_lora, dtype=dtype)
+        self._lora_dtype = dtype  # for the LM head / embedding banks attached on demand
+        self._last_dropout: dict = {}  # the dropout plan of the latest routed forward (head LoRA reads it)
         self._slots: dict[str, int] = {}
         self._configs: dict[str, AdapterConfig] = {}
         self._train: dict[str, AdapterTrainState] = {}  # per adapter: optimizer, moments, step
@@ -94,19 +102,30 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         return self._slots[name]
 
     def target_paths(self, config: AdapterConfig) -> list[str]:
-        """Module paths an adapter with ``config`` puts LoRA on (validates target names)."""
-        available = self._att.linear_names
+        """Module paths an adapter with ``config`` puts LoRA on (validates target names): decoder
+        linears first, then the input embedding and the LM head if named (never by "all-linear",
+        as in PEFT)."""
+        available, vocab = self._att.linear_names, self._att.vocab_paths
         if config.target_modules == "all-linear":
             wanted = available
         else:
-            unknown = sorted(set(config.target_modules) - available)
+            unknown = sorted(set(config.target_modules) - available - set(vocab))
             if unknown:
                 raise ValueError(
                     f"unknown target module(s) {unknown} for {self.spec.model_type}; "
-                    f"available: {sorted(available)}"
+                    f"available: {sorted(available | set(vocab))}"
                 )
             wanted = set(config.target_modules)
-        return [p for p, m in self._att.linears.items() if m.short_name in wanted and self._in_layers(p, config)]
+        heads = set(vocab.values())
+        paths = [p for p, m in self._att.linears.items()
+                 if p not in heads and m.short_name in wanted and self._in_layers(p, config)]
+        return paths + [vocab[n] for n in ("embed_tokens", "lm_head") if n in wanted and n in vocab
+                        and self._in_layers(vocab[n], config)]
+
+    def vocab_targets(self, config: AdapterConfig) -> list[str]:
+        """The short names among "embed_tokens" / "lm_head" that ``config`` names."""
+        tm = config.target_modules
+        return [] if isinstance(tm, str) else [n for n in ("embed_tokens", "lm_head") if n in tm]
 
     def expert_paths(self, config: AdapterConfig) -> list[str]:
         if not (config.experts and self.expert_lora):
@@ -147,6 +166,14 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
                 raise ValueError(f"adapter {name!r}: layers_to_transform {bad} outside the model's {n} decoder "
                                  f"layers (0..{n - 1})")
         paths = self.target_paths(config)
+        vocab = self.vocab_targets(config)
+        if vocab and config.layers_to_transform is not None:
+            raise ValueError(f"adapter {name!r}: target_modules {vocab} lie outside the decoder layers, so "
+                             "layers_to_transform leaves them without LoRA (PEFT skips them silently); drop one "
+                             "of the two")
+        if vocab and self.comm is not None and not all(self._att.vocab_attached(self._att.vocab_paths[n])
+                                                       for n in vocab):
+            raise ValueError(f"adapter {name!r}: LoRA on {vocab} is not supported in a distributed fleet")
         if not paths and not self.expert_paths(config):
             raise ValueError(f"adapter {name!r} targets nothing in {self.spec.model_type}")
         if self.bank.free_slot() is None:
@@ -159,6 +186,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
                 raise ValueError(f"slot {slot!r} is outside [0, {self.bank.max_adapters})")
             if self.bank.slots[slot] is not None:
                 raise ValueError(f"slot {slot} is taken by adapter {self.bank.slots[slot].name!r}")
+        # the config is valid: the LM head / embedding banks it needs exist from here on (allocated
+        # once; zero LoRA there changes no output, so a later refusal leaves outputs as they were)
+        for n in vocab:
+            attach_vocab(self._att, self.bank, self._att.vocab_paths[n], dtype=self._lora_dtype)
         return paths
 
     def add_adapter(self, name: str, config: AdapterConfig | None = None, slot: int | None = None) -> int:
@@ -212,6 +243,16 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
             m.enabled[slot] = use_experts
             if use_experts:
                 m.init_slot(slot, r, config.expert_sharing, gen)
+        for path, m in self._att.embeddings.items():  # PEFT's embedding init: A zeros, B normal
+            for p in m.parameters(recurse=False):
+                p[slot].zero_()
+                if p.grad is not None:
+                    p.grad[slot].zero_()
+            m.enabled[slot] = path in paths
+            if path in paths:
+                _, b = peft_embedding_init(r, m.num_embeddings, m.embedding_dim, gen, m.lora_embedding_B.dtype,
+                                           m.lora_embedding_B.device)
+                m.lora_embedding_B[slot, :, :r] = b
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -260,11 +301,42 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         """Call ``module`` (the model or its backbone) on rows already laid out adapter-major;
         ``row_slots[i]`` is row i's slot (-1: base model)."""
         routing = Routing.from_row_slots(row_slots, input_ids.device, self._dropout_plan(row_slots))
+        self._last_dropout = routing.dropout
         self._wrap_checkpointing()
         with use_routing(routing):
             return module(input_ids=input_ids, **kwargs)
 
     __call__ = forward
+
+    def head_lora_runs(self, row_slots: list[int], lens: list[int]) -> list[HeadLoRARun] | None:
+        """The LM head's LoRA for the chunked loss (`token_logprobs`), which reads the head's
+        weight directly: one run per adapter-major group of rows whose adapter targets
+        ``lm_head`` (``row_slots[i]`` / ``lens[i]``: row i's slot and its tokens in the flattened
+        hidden states). Dropout follows the plan of the latest `run_routed` forward (the one
+        whose hidden states these are), drawn for the head's path. None: no head LoRA here."""
+        path = self._att.vocab_paths.get("lm_head")
+        m = self._att.linears.get(path) if path else None
+        if m is None:
+            return None
+        runs, at = [], 0
+        for slot, n in zip(row_slots, lens):
+            if slot >= 0 and m.enabled[slot]:
+                if runs and runs[-1][0] == slot and runs[-1][2] == at:
+                    runs[-1][2] = at + n
+                else:
+                    runs.append([slot, at, at + n])
+            at += n
+        out = []
+        for slot, start, end in runs:
+            info = self.bank.info(slot)
+            r = info.rank
+            noise = None
+            if slot in self._last_dropout:
+                p, seed, counter = self._last_dropout[slot]
+                noise = dropout_noise((end - start, m.in_features), p, seed, counter, path, m.lora_A.dtype,
+                                      m.lora_A.device)
+            out.append(HeadLoRARun(start, end, m.lora_A[slot, :r], m.lora_B[slot, :, :r], info.scale, noise))
+        return out or None
 
     def _dropout_plan(self, row_slots: list[int]) -> dict[int, tuple[float, int, int]]:
         """slot -> (p, seed, counter) for this forward's adapters with ``lora_dropout`` > 0 while the
@@ -327,6 +399,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         for path, m in self._att.experts.items():
             if m.enabled[slot]:  # under expert parallelism: this rank's experts (see factor_views)
                 views += [(f"{path}.{k}", p, idx) for k, p, idx in m.factor_views(slot, r, config.expert_sharing)]
+        for path, m in self._att.embeddings.items():  # A [S, R, V], B [S, D, R]: a linear's layout
+            if m.enabled[slot]:
+                views.append((f"{path}.A", m.lora_embedding_A, (slot, slice(0, r))))
+                views.append((f"{path}.B", m.lora_embedding_B, (slot, slice(None), slice(0, r))))
         return views
 
     @torch.no_grad()
@@ -347,7 +423,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         pairs: dict[tuple[str, str | None], list] = {}
         for key, p, idx in self.adapter_views(name):
             path, which = key.rsplit(".", 1)  # which: "A" | "B"
-            head, proj = path.rsplit(".", 1)
+            head, _, proj = path.rpartition(".")
             group = (head, proj) if head in self._att.experts else (path, None)
             v = p[idx]
             if low_precision(v.dtype):
@@ -358,7 +434,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
             v = v.clone() if dtype is None or v.dtype == dtype else v.to(dtype)
             pairs.setdefault(group, [None, None])["AB".index(which)] = v
         for (path, proj), (a, b) in pairs.items():
-            if proj is None:
+            if path in self._att.embeddings:
+                w.embeddings[path] = (a, b)
+            elif proj is None:
                 w.dense[path] = (a, b)
             else:
                 w.experts.setdefault(path, {})[proj] = (a, b)
@@ -370,16 +448,31 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         file changes nothing)."""
         config = w.config
         paths = set(self.target_paths(config))
-        if set(w.dense) != paths:
-            missing, extra = sorted(paths - set(w.dense)), sorted(set(w.dense) - paths)
+        vocab = vocab_modules(self.model)
+        emb_paths = {vocab[n][0] for n in self.vocab_targets(config) if n == "embed_tokens" and n in vocab}
+        got = set(w.dense) | set(w.embeddings)
+        if got != paths or set(w.embeddings) != emb_paths:
+            missing, extra = sorted(paths - got), sorted(got - paths)
             raise ValueError(f"adapter {name!r}: weights do not match its targets (missing {missing[:4]}, "
                              f"unexpected {extra[:4]})")
         r = config.rank
-        for path, (a, b) in w.dense.items():
-            m = self._att.linears[path]
-            if tuple(a.shape) != (r, m.in_features) or tuple(b.shape) != (m.out_features, r):
+        shapes = {path: (mod.in_features, mod.out_features) if isinstance(mod, torch.nn.Linear)
+                  else (mod.num_embeddings, mod.embedding_dim) for path, mod in vocab.values()}
+        shapes.update({p: (m.in_features, m.out_features) for p, m in self._att.linears.items()})
+        for path, (a, b) in list(w.dense.items()) + list(w.embeddings.items()):
+            fin, fout = shapes[path]
+            if tuple(a.shape) != (r, fin) or tuple(b.shape) != (fout, r):
                 raise ValueError(f"adapter {name!r}: {path} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
-                                 f"expected ({r}, {m.in_features}) / ({m.out_features}, {r})")
+                                 f"expected ({r}, {fin}) / ({fout}, {r})")
+        base_weights = {path: mod.weight for path, mod in vocab.values()}
+        for path, t in w.base_layers.items():
+            mine = base_weights.get(path)
+            if mine is None or tuple(t.shape) != tuple(mine.shape) or not torch.equal(t.to(mine), mine):
+                raise ValueError(
+                    f"adapter {name!r}: the file's own copy of the base weight {path}.base_layer.weight "
+                    f"({tuple(t.shape)}) differs from this base model's ({None if mine is None else tuple(mine.shape)}): "
+                    "PEFT would replace the base weight with it (e.g. a resized or retrained vocabulary), but every "
+                    "adapter of a fleet shares one frozen base; load the adapter on a base holding those weights")
         exp_paths = set(self.expert_paths(config))
         if set(w.experts) != exp_paths:
             raise ValueError(f"adapter {name!r}: expert weights for {sorted(w.experts)[:3]}..., "
@@ -438,8 +531,13 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         self._check_alive()
         if name in self._slots:  # fail before reading files
             raise ValueError(f"adapter {name!r} already exists (slot {self._slots[name]})")
+        vocab = vocab_modules(self.model)
+        shapes = {p: (m.in_features, m.out_features) for p, m in self._att.linears.items()}
+        shapes.update({p: (m.in_features, m.out_features) for p, m in vocab.values() if isinstance(m, torch.nn.Linear)})
         w = load_adapter_dir(path, experts_arch=self.experts_arch(), model_type=self.spec.model_type,
-                             linear_shapes={p: (m.in_features, m.out_features) for p, m in self._att.linears.items()})
+                             linear_shapes=shapes, embedding_shapes={
+                                 p: (m.num_embeddings, m.embedding_dim) for p, m in vocab.values()
+                                 if isinstance(m, torch.nn.Embedding)})
         return self.add_adapter_from_weights(name, w)
 
     def save_adapter(self, name: str, path: str | os.PathLike, format: str = "peft",

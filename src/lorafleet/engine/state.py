@@ -160,6 +160,9 @@ class StateMixin:
                 out[f"{path}.gate_up.B"] = (n[1] or E, m.up_out, r)
                 out[f"{path}.down.A"] = (n[2] or E, r, m.inter)
                 out[f"{path}.down.B"] = (n[3] or E, m.hidden_size, r)
+        for path, m in self._att.embeddings.items():  # attached by _validate when the config names them
+            if path in paths:
+                out[f"{path}.A"], out[f"{path}.B"] = (r, m.num_embeddings), (m.embedding_dim, r)
         return out
 
 

@@ -207,7 +207,8 @@ class TrainingMixin:
             lm_head = self.model.get_output_embeddings()
             if getattr(lm_head, "bias", None) is not None:
                 raise ValueError("LM heads with a bias are not supported by the chunked loss")
-            lp_flat, ent_flat = token_logprobs(hidden, lm_head.weight, targets, self.logprob_chunk)
+            lp_flat, ent_flat = token_logprobs(hidden, lm_head.weight, targets, self.logprob_chunk,
+                                               self.head_lora_runs(slot, lens))  # LoRA on lm_head, if any
             lp_rows = dict(zip(rows, lp_flat.split(lens)))
             ent_rows = dict(zip(rows, ent_flat.split(lens)))
             losses = self._losses(examples, lp_rows, loss_fn, cfg, dev)

@@ -5,6 +5,10 @@ What is targetable comes from the model's structure (`structure.discover`, carri
 `ArchSpec`): every ``nn.Linear`` of the decoder layers except routers and gates, and every packed
 experts module with transformers' experts interface. Everything is checked before the model is
 touched, so a refusal leaves it as it was.
+
+The LM head and the input embedding (PEFT's ``"lm_head"`` / ``"embed_tokens"`` targets) are
+attached later and only on demand (`attach_vocab`, at the first adapter that targets them): their
+banks are ``max_adapters × max_rank × vocab`` and would cost memory for nothing otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..lora import MultiLoRAExperts, MultiLoRALinear, SlotBank
+from ..lora import MultiLoRAEmbedding, MultiLoRAExperts, MultiLoRALinear, SlotBank
 from .registry import ArchSpec
 from .structure import Structure, discover
 
@@ -23,6 +27,10 @@ class Attachment:
     model: nn.Module
     linears: dict[str, MultiLoRALinear] = field(default_factory=dict)
     experts: dict[str, MultiLoRAExperts] = field(default_factory=dict)
+    # input embeddings with LoRA (attached on demand); the LM head, once attached, is in `linears`
+    embeddings: dict[str, MultiLoRAEmbedding] = field(default_factory=dict)
+    # short target name ("lm_head" / "embed_tokens") -> module path, attached or not
+    vocab_paths: dict[str, str] = field(default_factory=dict)
     # linears of MoE blocks left alone because they are routers / gates: path -> why
     routers: dict[str, str] = field(default_factory=dict)
     # linears left out by a per-architecture exception (read through `.weight`): path -> why
@@ -32,11 +40,17 @@ class Attachment:
 
     @property
     def linear_names(self) -> set[str]:
-        return {m.short_name for m in self.linears.values()}
+        """Short names of the decoder linears ("all-linear"; the LM head is not one, as in PEFT)."""
+        heads = set(self.vocab_paths.values())
+        return {m.short_name for p, m in self.linears.items() if p not in heads}
 
     def lora_modules(self):
         yield from self.linears.values()
         yield from self.experts.values()
+        yield from self.embeddings.values()
+
+    def vocab_attached(self, path: str) -> bool:
+        return path in self.linears or path in self.embeddings
 
     def detach(self):
         for parent, child_name, original in reversed(self._originals):
@@ -69,7 +83,8 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
                 f"dense linears {list(st.linear_names)} only"
             )
         todo += [(path, e.module, "experts") for path, e in st.packed_experts.items()]
-    att = Attachment(model, routers=dict(st.routers), excluded=dict(st.excluded))
+    att = Attachment(model, routers=dict(st.routers), excluded=dict(st.excluded),
+                     vocab_paths={short: path for short, (path, _) in vocab_modules(model).items()})
     att._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():  # the base stays frozen: only slot tensors train
         p.requires_grad_(False)
@@ -85,3 +100,41 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
         setattr(parent, child_name, wrapped)
         att._originals.append((parent, child_name, module))
     return att
+
+
+def vocab_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """``{"embed_tokens": (path, nn.Embedding), "lm_head": (path, nn.Linear)}`` for the model's
+    input embedding and LM head (``get_input_embeddings`` / ``get_output_embeddings``), keyed by
+    the short name PEFT's ``target_modules`` uses; a module of another type is left out."""
+    out = {}
+    for getter, kind in (("get_input_embeddings", nn.Embedding), ("get_output_embeddings", nn.Linear)):
+        try:
+            mod = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            mod = None
+        mod = getattr(mod, "base_layer", mod)  # already wrapped by us
+        if not isinstance(mod, kind):
+            continue
+        path = next((n for n, m in model.named_modules() if m is mod or getattr(m, "base_layer", None) is mod), None)
+        if path:
+            out[path.rsplit(".", 1)[-1]] = (path, mod)
+    return out
+
+
+def attach_vocab(att: Attachment, bank: SlotBank, path: str, dtype=None):
+    """Wrap the LM head / input embedding at ``path`` (once); its bank is allocated here."""
+    if att.vocab_attached(path):
+        return att.linears.get(path) or att.embeddings[path]
+    model = att.model
+    module = model.get_submodule(path)
+    parent_path, _, child_name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(module, nn.Embedding):
+        wrapped = MultiLoRAEmbedding(module, bank, path, dtype=dtype)
+        att.embeddings[path] = wrapped
+    else:
+        wrapped = MultiLoRALinear(module, bank, path, dtype=dtype)
+        att.linears[path] = wrapped
+    setattr(parent, child_name, wrapped)
+    att._originals.append((parent, child_name, module))
+    return wrapped
