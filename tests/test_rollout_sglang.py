@@ -1,0 +1,230 @@
+"""The SGLang sink (rollout/sglang.py) against tests/sglang_fake.py, a stand-in server that checks
+SGLang 0.5.23's request format and answers in its response format."""
+
+import json
+import threading
+import time
+
+import pytest
+
+import lorafleet as lf
+from lorafleet.engine.sampling import SamplingParams
+from lorafleet.models.debug import build_debug_model
+from lorafleet.rollout import RolloutError
+from lorafleet.rollout.sglang import SGLangEngine, make_sglang_engine
+
+from sglang_fake import SAMPLING_KEYS, FakeSGLang
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A debug Qwen3 base with an adapter (q/v/down), and its config.json for the fake server."""
+    d = tmp_path_factory.mktemp("base")
+    model = build_debug_model("qwen3")
+    model.config.save_pretrained(d)
+    fleet = lf.Fleet(model, max_adapters=2, max_rank=16)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=8, target_modules=["q_proj", "v_proj", "down_proj"], seed=0))
+    fleet.set_optimizer("a", lf.OptimConfig(lr=5e-2))
+    return d, fleet
+
+
+def _step(fleet):
+    fleet.forward_backward([lf.Example("a", input_tokens=[1, 5, 6], target_tokens=[5, 6, 9])], loss_fn="cross_entropy")
+    fleet.optim_step(["a"])
+
+
+def _engine(fake, d, **kw):
+    return SGLangEngine(fake.url, base_dir=str(d), max_rank=16, retry_wait_s=0.01, **kw)
+
+
+def _bodies(fake, path):
+    return [b for p, b in fake.requests if p == path]
+
+
+def test_push_generate_and_prompt_logprobs(base):
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        eng = make_sglang_engine({"engine": "sglang", "url": fake.url + "/"}, base_dir=str(d), max_rank=16)
+        snap = fleet.snapshot("a", layout="sglang")
+        assert eng.push(snap) == "a"
+        (load,) = _bodies(fake, "/load_lora_adapter")
+        assert load == {"lora_name": f"a@v{snap.version}", "lora_path": load["lora_path"], "pinned": False}
+        assert json.loads(open(load["lora_path"] + "/adapter_config.json").read())["r"] == 8
+        prompts = [[1, 5, 6], [3, 4]]
+        params = SamplingParams(max_tokens=5, temperature=1.0, top_k=-1, stop=[23, "\n"], seed=7)
+        out = eng.generate("a", prompts, params, 3)
+        (gen,) = _bodies(fake, "/generate")
+        assert gen["input_ids"] == [[1, 5, 6]] * 3 + [[3, 4]] * 3 and gen["lora_path"] == f"a@v{snap.version}"
+        assert gen["return_logprob"] is True
+        assert [sp["sampling_seed"] for sp in gen["sampling_params"]] == list(range(7, 13))
+        assert gen["sampling_params"][0] == {"max_new_tokens": 5, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+                                             "stop": ["\n"], "stop_token_ids": [23], "sampling_seed": 7}
+        assert [len(g) for g in out] == [3, 3]
+        assert len({tuple(s.tokens) for s in out[0]}) > 1  # a seed per row: the samples differ
+        for prompt, group in zip(prompts, out):
+            for s in group:
+                assert 1 <= len(s.tokens) == len(s.logprobs) <= 5
+                assert s.stop_reason == ("length" if len(s.tokens) == 5 and s.tokens[-1] not in (2, 23) else "stop")
+                # the sampled logprobs are the model's at each completion position
+                lps = eng.prompt_logprobs("a", prompt + s.tokens)
+                assert lps[0] is None and lps[len(prompt):] == s.logprobs
+        pl = _bodies(fake, "/generate")[-1]
+        assert pl["logprob_start_len"] == 0 and pl["sampling_params"] == {"max_new_tokens": 0, "temperature": 0.0}
+        base_out = eng.generate(None, [[1, 5, 6]], SamplingParams(max_tokens=3, temperature=0.0), 1)
+        assert "lora_path" not in _bodies(fake, "/generate")[-1] and len(base_out[0][0].tokens) >= 1
+        eng.close()
+        assert fake.loaded == {} and not eng.adapter_dir.exists()
+
+
+def test_push_after_a_step_serves_the_new_version_and_unloads_the_old(base):
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        eng = _engine(fake, d)
+        greedy = SamplingParams(max_tokens=6, temperature=0.0, stop_on_eos=False)
+        v0 = fleet.adapter_version("a")
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        before = eng.generate("a", [[1, 5, 6]], greedy, 2)[0]
+        assert before[0].tokens == before[1].tokens and len(before[0].tokens) == 6
+        assert _bodies(fake, "/generate")[-1]["sampling_params"][0]["ignore_eos"] is True
+        _step(fleet)
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        assert list(fake.loaded) == [f"a@v{v0 + 1}"]
+        assert _bodies(fake, "/unload_lora_adapter") == [{"lora_name": f"a@v{v0}"}]
+        assert not eng.adapter_path(f"a@v{v0}").exists() and eng.adapter_path(f"a@v{v0 + 1}").is_dir()
+        after = eng.generate("a", [[1, 5, 6]], greedy, 1)[0][0]
+        assert after.tokens != before[0].tokens  # the engine samples the stepped adapter
+        assert fake.violations == []
+        eng.close()
+
+
+def test_a_push_during_an_in_flight_generate_never_unloads_its_version(base):
+    """The asynchronous case: a rollout thread samples version v while the trainer pushes v+1.
+    The old name stays loaded until that request is done (no unload of a name in use)."""
+    d, fleet = base
+    with FakeSGLang(d, generate_delay_s=0.4) as fake:
+        eng = _engine(fake, d)
+        v = fleet.adapter_version("a")
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault(
+            "out", eng.generate("a", [[1, 2]], SamplingParams(max_tokens=3, seed=1), 2)))
+        t.start()
+        time.sleep(0.15)
+        _step(fleet)
+        eng.push(fleet.snapshot("a", layout="sglang"))  # while the request on a@v{v} runs
+        assert set(fake.loaded) == {f"a@v{v}", f"a@v{v + 1}"}
+        fake.generate_delay_s = 0.0
+        eng.generate("a", [[1, 2]], SamplingParams(max_tokens=2), 1)
+        assert _bodies(fake, "/generate")[-1]["lora_path"] == f"a@v{v + 1}"
+        t.join()
+        assert len(result["out"][0]) == 2
+        assert set(fake.loaded) == {f"a@v{v + 1}"}  # unloaded by the last request out
+        assert fake.violations == []
+        eng.close()
+
+
+def test_an_adapter_left_loaded_by_an_earlier_run_is_replaced(base):
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        v = fleet.adapter_version("a")
+        fake.loaded[f"a@v{v}"] = 123.0  # a resumed job meets its own old upload
+        eng = _engine(fake, d)
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        assert [p for p, _ in fake.requests if p != "/server_info"] == [
+            "/load_lora_adapter", "/unload_lora_adapter", "/load_lora_adapter"]
+        assert fake.loaded[f"a@v{v}"] != 123.0
+        eng.close()
+
+
+def test_engine_errors_are_one_line_naming_the_answer(base, tmp_path):
+    d, fleet = base
+    with FakeSGLang(d, enable_lora=False) as fake:
+        with pytest.raises(RolloutError, match=r"started without --enable-lora"):
+            _engine(fake, d)
+    with FakeSGLang(d, max_lora_rank=4) as fake:
+        with pytest.raises(RolloutError, match=r"the server's --max-lora-rank is 4, below the job's max_rank 16"):
+            _engine(fake, d)
+    with FakeSGLang(d, max_lora_rank=4, server_info=False) as fake:  # no /server_info: the load says it
+        eng = _engine(fake, d)
+        with pytest.raises(RolloutError, match=r"POST /load_lora_adapter: HTTP 400: LoRA adapter a@v\d+ with rank 8 "
+                                               r"is incompatible with the current LoRA memory pool") as e:
+            eng.push(fleet.snapshot("a", layout="sglang"))
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="adapter 'a' was never pushed"):
+            eng.generate("a", [[1]], SamplingParams(), 1)
+        with pytest.raises(RolloutError, match=r"HTTP 400: unknown field `max_tokens`, expected one of `max_new_tokens`"):
+            eng._post("/generate", {"input_ids": [1, 2], "sampling_params": {"max_tokens": 2}})
+        with pytest.raises(RolloutError, match=r"HTTP 400: return_logprobs: GenerateReqInput has no field 'return_logprobs'$"):
+            eng._post("/generate", {"input_ids": [1, 2], "return_logprobs": True})
+        with pytest.raises(RolloutError, match=r"HTTP 400: The following requested LoRA adapters are not loaded: b@v0 "
+                                               r"Loaded adapters"):
+            eng._post("/generate", {"input_ids": [1, 2], "lora_path": "b@v0"})
+        with pytest.raises(ValueError, match="in the 'sglang' layout, got 'peft'"):
+            eng.push(fleet.snapshot("a", layout="peft"))
+        eng.close()
+    with FakeSGLang(d) as fake:
+        gone = fake.url  # a server that was there and is not any more
+    with pytest.raises(RolloutError, match=rf"rollout engine sglang at {gone}: GET /server_info: .*refused"):
+        SGLangEngine(gone, base_dir=str(d), max_rank=16, request_retries=1, retry_wait_s=0.01)
+
+
+def test_transient_failures_are_retried_a_bounded_number_of_times(base):
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        eng = _engine(fake, d, request_retries=2)
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        fake.fail_next = [(503, {"error": {"message": "busy"}}), (502, None)]
+        assert len(eng.generate("a", [[1, 2]], SamplingParams(max_tokens=2), 1)[0]) == 1
+        fake.fail_next = [(503, {"error": {"message": "busy"}})] * 3
+        with pytest.raises(RolloutError, match=r"POST /generate: HTTP 503: busy$"):
+            eng.generate("a", [[1, 2]], SamplingParams(max_tokens=2), 1)
+        assert fake.fail_next == []  # 1 try + 2 retries
+        n = len(fake.requests)
+        fake.fail_next = [(500, {"error": {"message": "CUDA error: device-side assert"}})]
+        with pytest.raises(RolloutError, match=r"HTTP 500: CUDA error: device-side assert"):
+            eng.generate("a", [[1, 2]], SamplingParams(max_tokens=2), 1)
+        assert len(fake.requests) == n  # not retried (and the refused request never reached a handler)
+        assert eng.versions.in_use(eng.versions.current("a")) == 0  # a failed request released its version
+        eng.close()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"url": "http://x:1", "max_version": 2}, r"^max_version: unknown option for engine sglang \(its options: url, "),
+    ({"url": "localhost:30000"}, r"^url: engine sglang needs the server's url"),
+    ({"url": "http://:30000"}, r"^url: engine sglang needs"),
+    ({"url": "http://x:99999"}, r"^url: engine sglang needs"),
+    ({}, r"^url: engine sglang needs the server's url \(http://host:port\), got None"),
+    ({"url": "http://x:1", "max_versions": 0}, r"^max_versions must be an integer >= 1"),
+    ({"url": "http://x:1", "max_versions": "2"}, r"^max_versions must be an integer >= 1 .*got '2'"),
+    ({"url": "http://x:1", "pinned": "yes"}, r"^pinned: must be true or false"),
+    ({"url": "http://x:1", "timeout_s": 0}, r"^timeout_s: must be a number > 0"),
+    ({"url": "http://x:1", "request_retries": -1}, r"^request_retries: must be an integer >= 0"),
+])
+def test_make_sglang_engine_refuses_a_bad_spec_naming_the_field(spec, message):
+    with pytest.raises(ValueError, match=message) as e:
+        make_sglang_engine({"engine": "sglang", **spec}, base_dir="/nonexistent", max_rank=8)
+    assert "\n" not in str(e.value)
+
+
+def test_max_versions_needs_room_in_the_servers_batch(base):
+    d, _ = base
+    with FakeSGLang(d, max_loras_per_batch=2) as fake:
+        with pytest.raises(ValueError, match=r"max_versions=2 .* needs --max-loras-per-batch >= 3, it was started "
+                                             r"with --max-loras-per-batch 2"):
+            make_sglang_engine({"engine": "sglang", "url": fake.url, "max_versions": 2}, base_dir=str(d), max_rank=16)
+        eng = make_sglang_engine({"engine": "sglang", "url": fake.url, "max_versions": 1, "pinned": True,
+                                  "adapter_dir": str(d / "pushed"), "timeout_s": 30, "request_retries": 0,
+                                  "wait_s": 5}, base_dir=str(d), max_rank=16)
+        assert eng.versions.max_versions == 1 and eng.adapter_dir == d / "pushed" and eng.pinned
+        eng.close()
+        assert (d / "pushed").is_dir()  # the user's own directory is kept
+
+
+def test_the_fake_refuses_what_sglangs_contract_refuses():
+    """The fake's sampling keys are the contract's, and everything the sink sends is among them."""
+    from lorafleet.rollout.sglang import sampling_params
+
+    sent = sampling_params(SamplingParams(max_tokens=3, stop=["x", 7], seed=1, stop_on_eos=False), 0)
+    assert set(sent) <= set(SAMPLING_KEYS)
+    assert set(sent) == {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
+                         "ignore_eos", "sampling_seed"}
