@@ -39,3 +39,159 @@ def test_chunked_decode_equals_uninterrupted_sample():
                 assert s_got.tokens == s_ref.tokens and s_got.logprobs == s_ref.logprobs
                 assert s_got.stop_reason == s_ref.stop_reason
     assert len(ref[0][0].tokens) == 12
+
+
+# ---------------------------------------------------------------------------- the scheduler
+# Scheduler + FutureStore on the debug fleet, no HTTP: the worker thread is the service's own.
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lorafleet.service.futures import FutureStore, Result  # noqa: E402
+from lorafleet.service.scheduler import Op, PoolFull, Scheduler  # noqa: E402
+from lorafleet.service import protocol  # noqa: E402
+
+T = 60  # seconds: bound on every wait
+
+
+@pytest.fixture
+def sched():
+    made = []
+
+    def make(fleet=None, **kw):
+        s = Scheduler(fleet or _fleet(), FutureStore(), batch_window_s=0.0, **kw)
+        s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _sample(s: Scheduler, tenant, n=1, max_tokens=2, prompt=(3, 7, 9, 11), seed=None, adapter=None, temp=1.0):
+    rid = s.futures.create(tenant, "sample", durable=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed, stop_on_eos=False)
+    s.submit(Op(rid, tenant, "sample", sample={"adapter": adapter, "prompt": list(prompt), "num_samples": n,
+                                                 "params": params, "prompt_logprobs": False}))
+    return rid
+
+
+def _wait(cond, what):
+    deadline = time.monotonic() + T
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.002)
+
+
+def _steps_done(s: Scheduler) -> int:
+    return max((d.state.steps for d in list(s._decodes)), default=0)
+
+
+def test_small_sample_finishes_while_a_huge_one_runs(sched):
+    # the 128 x 4096 of the report, shrunk for CPU: 16 rows x 800 tokens (~3 s alone)
+    s = sched(decode_chunk_tokens=16)
+    big = _sample(s, "flood", n=16, max_tokens=800)
+    _wait(lambda: s.liveness()["decoding"] or s.cycle_started is not None, "the big sample never started")
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    small = _sample(s, "small", max_tokens=2)
+    assert isinstance(s.futures.wait_sync(small, T), Result)
+    waited = time.monotonic() - t0
+    assert s.futures.peek(big) is None, "the small sample waited for the whole big one"
+    assert _steps_done(s) < 800 // 4, f"the big one had done {_steps_done(s)} of 800 steps"
+    assert waited < 2.0, waited
+
+
+def test_flooding_tenant_gets_its_share_not_more(sched):
+    # one tenant's 20 distinct (seeded) requests, then another tenant's one: served within a few
+    # cycles, while most of the flood still waits
+    s = sched(decode_chunk_tokens=32, fair_share_tokens=300)
+    s.pause()
+    flood = [_sample(s, "flood", max_tokens=64, seed=100 + i) for i in range(20)]
+    s.resume()
+    _wait(lambda: s.stats["cycles"] >= 1, "the flood never started")
+    c0 = s.stats["cycles"]
+    small = _sample(s, "small", max_tokens=2)
+    assert isinstance(s.futures.wait_sync(small, T), Result)
+    assert s.stats["cycles"] - c0 <= 3
+    pending = sum(s.futures.peek(r) is None for r in flood)
+    assert pending >= 15, f"only {pending} of the flood's 20 requests were still waiting"
+
+
+def test_seeded_samples_do_not_depend_on_chunking_or_other_work(sched):
+    fleet = _fleet()
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=77, stop_on_eos=False)
+    ref = fleet.sample([SampleRequest(None, [3, 7, 9, 11], 3)], params)[0]
+    for chunk in (0, 3):
+        s = sched(fleet, decode_chunk_tokens=chunk, fair_share_tokens=64)
+        others = [_sample(s, "b", n=2, max_tokens=30) for _ in range(3)]
+        rid = s.futures.create("a", "sample", durable=False)
+        s.submit(Op(rid, "a", "sample", sample={"adapter": None, "prompt": [3, 7, 9, 11], "num_samples": 3,
+                                                "params": params, "prompt_logprobs": False}))
+        fwd = []
+        for _ in range(4):  # forward passes of another tenant between the pieces
+            f = s.futures.create("c", "fwd", durable=False)
+            s.submit(Op(f, "c", "fwdbwd", examples=[lf.Example("a", [1, 2, 3], [2, 3, 4])],
+                        group=("cross_entropy", (), True), raw=True))
+            fwd.append(f)
+        got = s.futures.wait_sync(rid, T)
+        assert isinstance(got, Result)
+        seqs = _decode_samples(got.body)
+        assert [q.tokens for q in ref] == [q[0] for q in seqs]
+        assert [np.float32(q.logprobs).tolist() for q in ref] == [q[1] for q in seqs]
+        for r in others + fwd:
+            assert isinstance(s.futures.wait_sync(r, T), Result)
+        s.stop()
+
+
+def _decode_samples(body: bytes):
+    """(tokens, float32 logprobs) per sequence of a SampleResponse body."""
+    resp = protocol.pb.SampleResponse.FromString(body)
+    return [(np.frombuffer(q.tokens, np.int32).tolist(), np.frombuffer(q.logprobs, np.float32).tolist())
+            for q in resp.sequences]
+
+
+def test_running_decodes_count_in_the_queue_and_drain_waits(sched):
+    s = sched(decode_chunk_tokens=8)
+    big = _sample(s, "t", n=4, max_tokens=300)
+    _wait(lambda: s.liveness()["decoding"], "the decode never started")
+    assert s.queued() >= 1 and s.liveness()["decoding"] == 1
+    assert not s.drain(0.05)  # running: not drained
+    assert s.drain(T) and s.queued() == 0
+    assert isinstance(s.futures.peek(big), Result)
+
+
+def test_a_running_decodes_weights_are_never_evicted(sched):
+    fleet = lf.Fleet(build_debug_model("qwen3_moe"), max_adapters=2, max_rank=8)
+    cfg = lf.AdapterConfig(rank=4, target_modules="all-linear", seed=3)
+    fleet.add_adapter("w", cfg)
+    params = SamplingParams(max_tokens=120, temperature=1.0, seed=5, stop_on_eos=False)
+    ref = fleet.sample([SampleRequest("w", [4, 5, 6], 2)], params)[0]
+    fleet.remove_adapter("w")
+    fleet.add_adapter("t0", lf.AdapterConfig(rank=4, target_modules="all-linear"))  # with "w": the pool is full
+    s = sched(fleet, decode_chunk_tokens=4)
+    s.register_sampler_loader("w", lambda f, name: f.add_adapter(name, cfg))
+    rid = s.futures.create("t", "sample", durable=False)
+    s.submit(Op(rid, "t", "sample", sample={"adapter": "w", "prompt": [4, 5, 6], "num_samples": 2,
+                                            "params": params, "prompt_logprobs": False}))
+    _wait(lambda: s.liveness()["decoding"], "the decode never started")
+    outcome = {}
+
+    def fill_the_pool(fleet):  # what create_model does: make room, take a slot
+        try:
+            s.make_room()
+            fleet.add_adapter("train", lf.AdapterConfig(rank=4, target_modules="all-linear"))
+            outcome["made_room"] = True
+        except PoolFull as e:
+            outcome["pool_full"] = str(e)
+        return {}
+
+    f = s.futures.create("u", "create", durable=False)
+    s.submit(Op(f, "u", "control", fill_the_pool))
+    assert isinstance(s.futures.wait_sync(f, T), Result)
+    assert "pool_full" in outcome and "w" in fleet.adapters
+    got = _decode_samples(s.futures.wait_sync(rid, T).body)
+    assert [q.tokens for q in ref] == [q[0] for q in got]

@@ -10,15 +10,18 @@ by a request the server rejected is skipped with `skip`, and a gap nobody fills 
   and tenants — run as ONE mixed ``fleet.forward_backward`` call per (loss_fn, config,
   forward_only) group, and the results are split back per request. Consecutive chunks of one
   model are merged the same way (gradients accumulate, losses are sums, so this is exact);
-* sampling requests of all samplers run in shared ``fleet.sample`` calls per identical
-  sampling parameters (a request with a fixed seed and temperature > 0 runs on its own, so
-  its samples do not depend on what else was queued).
+* sampling requests of all samplers start in shared decode batches per identical sampling
+  parameters (a request with a fixed seed and temperature > 0 runs on its own, so its samples
+  do not depend on what else was queued). A batch stays in flight across cycles and decodes at
+  most ``decode_chunk_tokens`` steps per cycle (0: to the end at once, the old behaviour).
+
+What each tenant gets per cycle is a fair share by deficit round-robin priced in tokens
+(fairness.py): one tenant's huge sample or flood of requests cannot hold up another's small one.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 import traceback
@@ -26,20 +29,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine import OptimConfig, SampleRequest, SamplingParams
+from ..engine import OptimConfig
 from ..types import Example
 from . import protocol
+from .fairness import DeficitRoundRobin, RunningDecode, op_price
 from .futures import Failure, FutureStore, Result
+from .samples import PoolFull, SampleRunning, UserError  # noqa: F401 - imported from here by core.py, jobs.py
 
 log = logging.getLogger("lorafleet.service")
-
-
-class UserError(ValueError):
-    """Reported to the client as a failed future with category "user"."""
-
-
-class PoolFull(UserError):
-    """Every slot holds a training model, a job or a sampler that is needed now."""
 
 
 @dataclass
@@ -66,11 +63,21 @@ class _ModelQueue:
         self.blocked_since: float | None = None
 
 
-class Scheduler:
+class Scheduler(SampleRunning):
     def __init__(self, fleet, futures: FutureStore, *, batch_window_s: float = 0.005,
                  gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None, cross_model_batching: bool = True,
-                 slot_wait_s: float = 60.0):
+                 slot_wait_s: float = 60.0, decode_chunk_tokens: int = 32, fair_share_tokens: int = 4096):
         self.fleet = fleet
+        if not isinstance(decode_chunk_tokens, int) or decode_chunk_tokens < 0:
+            raise ValueError(f"decode_chunk_tokens must be an integer >= 0 (0: no chunking), got {decode_chunk_tokens!r}")
+        # a running decode takes at most this many steps per cycle, then others' work runs (0: a
+        # sample decodes to its end in one call, the pre-issue-14 behaviour; a distributed fleet
+        # always does, its ranks decode in lockstep through fleet.sample)
+        self.decode_chunk_tokens = decode_chunk_tokens
+        self._drr = DeficitRoundRobin(fair_share_tokens)
+        self._decodes: list[RunningDecode] = []  # in flight, oldest first (worker thread; mutated under _cond)
+        self._mem_wait: list[Op] = []  # samples whose decode batch waits for running ones to free memory
+        self._drop_after_decode: set[str] = set()  # sampler weights dropped while a decode still reads them
         # a sample whose sampler weights find every slot held waits this long for one, then fails
         self.slot_wait_s = slot_wait_s
         self._slot_wait: list[Op] = []  # those samples, oldest first; retried every cycle
@@ -92,7 +99,7 @@ class Scheduler:
         self._sampler_loaders: dict[str, Callable] = {}
         self._slot_retry = 0.0
         self.stats = {"fwdbwd_calls": 0, "fwdbwd_ops": 0, "max_tenants_per_step": 0, "sample_calls": 0,
-                      "sample_ops": 0, "max_adapters_per_sample": 0}
+                      "sample_ops": 0, "max_adapters_per_sample": 0, "cycles": 0, "decode_pieces": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self):
@@ -126,10 +133,13 @@ class Scheduler:
             self._cond.notify_all()
 
     def queued(self) -> int:
-        """Operations waiting (not yet taken by the worker)."""
+        """Operations not finished: waiting to be taken, waiting for a slot or memory, or decoding."""
         with self._cond:
-            return len(self._free_ops) + len(self._slot_wait) + sum(sum(1 for o in q.ops.values() if o is not None)
-                                             for q in self._models.values())
+            return len(self._free_ops) + len(self._slot_wait) + len(self._mem_wait) + self._decoding_locked() \
+                + sum(sum(1 for o in q.ops.values() if o is not None) for q in self._models.values())
+
+    def _decoding_locked(self) -> int:
+        return sum(len(d.ops) for d in self._decodes)
 
     # ------------------------------------------------------------------ submission
     def open_model(self, model_id: str, first_seq: int = 1):
@@ -182,12 +192,10 @@ class Scheduler:
             self._sampler_loaders[adapter] = loader
 
     # ------------------------------------------------------------------ worker
-    def _ready_locked(self):
-        """Take every ready op: free ops, and per model the run of ops at the head of its queue
-        (a run = consecutive fwdbwd ops of one group, or one control op)."""
-        ready: list[Op] = list(self._free_ops)
-        self._free_ops.clear()
-        now = time.monotonic()
+    def _heads_locked(self, now: float) -> list[tuple[Op, _ModelQueue | None]]:
+        """Every takeable op, oldest first: free ops (queue None) and each model's next op
+        (after skipped seq_ids; a gap nobody fills is jumped after ``gap_timeout_s``)."""
+        heads: list[tuple[Op, _ModelQueue | None]] = [(op, None) for op in self._free_ops]
         for q in self._models.values():
             while q.next_seq in q.ops and q.ops[q.next_seq] is None:  # skipped seq_ids
                 del q.ops[q.next_seq]
@@ -201,21 +209,70 @@ class Scheduler:
             if q.next_seq not in q.ops:
                 continue
             q.blocked_since = None
-            head = q.ops.pop(q.next_seq)
+            heads.append((q.ops[q.next_seq], q))
+        heads.sort(key=lambda h: h[0].t)
+        return heads
+
+    def _take_locked(self, heads) -> list[Op]:
+        """The ops each tenant's credit pays for, oldest first per tenant: a free op, or a model's
+        next op and (fwdbwd) the run of its following ops of the same group. A tenant stops at its
+        first op it cannot pay for, so its big request is not overtaken by its own later ones."""
+        taken: list[Op] = []
+        stopped: set[str] = set()
+        for op, q in heads:
+            if op.tenant in stopped or not self._drr.afford(op.tenant, self._price(op)):
+                stopped.add(op.tenant)
+                continue
+            self._drr.charge(op.tenant, self._price(op))
+            taken.append(op)
+            if q is None:
+                continue
+            del q.ops[q.next_seq]
             q.next_seq += 1
-            ready.append(head)
-            if head.kind == "fwdbwd":
-                while q.next_seq in q.ops and q.ops[q.next_seq] is not None \
-                        and q.ops[q.next_seq].kind == "fwdbwd" and q.ops[q.next_seq].group == head.group:
-                    ready.append(q.ops.pop(q.next_seq))
-                    q.next_seq += 1
+            while op.kind == "fwdbwd" and q.ops.get(q.next_seq) is not None and q.ops[q.next_seq].kind == "fwdbwd" \
+                    and q.ops[q.next_seq].group == op.group and self._drr.afford(op.tenant, self._price(q.ops[q.next_seq])):
+                self._drr.charge(op.tenant, self._price(q.ops[q.next_seq]))
+                taken.append(q.ops.pop(q.next_seq))
+                q.next_seq += 1
+        if taken:
+            ids = {id(o) for o in taken}
+            self._free_ops = [o for o in self._free_ops if id(o) not in ids]
+        return taken
+
+    def _price(self, op: Op) -> int:
+        return op_price(op, whole_decode=not self._chunked())
+
+    def _chunked(self) -> bool:
+        return self.decode_chunk_tokens > 0 and getattr(self.fleet, "comm", None) is None
+
+    def _ready_locked(self):
+        """A new cycle: grant every tenant with work its fair share, take what the shares pay for
+        (all at once when nothing else could run: the empty rounds are skipped), and retry the
+        samples waiting for a slot or for memory."""
+        now = time.monotonic()
+        heads = self._heads_locked(now)
+        active = {op.tenant for op, _ in heads} | {t for d in self._decodes for t in d.tenants}
+        self._drr.grant(active)
+        ready = self._take_locked(heads)
+        if not ready and heads and not any(self._piece_affordable(d) for d in self._decodes):
+            wants: dict[str, float] = {}
+            for op, _ in heads:
+                wants.setdefault(op.tenant, self._price(op))  # each tenant's oldest op
+            self._drr.fast_forward(wants)
+            ready = self._take_locked(self._heads_locked(now))
+        if self._mem_wait and (ready or self._decodes):
+            ready[:0], self._mem_wait = self._mem_wait, []  # their batches may fit now
         if self._slot_wait and (ready or now - self._slot_retry >= 0.2):
             ready[:0], self._slot_wait = self._slot_wait, []  # retry them: a slot may have been freed
             self._slot_retry = now
         return ready
 
+    def _piece_affordable(self, d: RunningDecode) -> bool:
+        shares = d.step_shares()
+        return bool(shares) and all(self._drr.afford(t, s) for t, s in shares.items())
+
     def _has_ready_locked(self) -> bool:
-        if self._free_ops:
+        if self._free_ops or self._decodes:
             return True
         return any(q.next_seq in q.ops or (q.ops and q.blocked_since is not None) for q in self._models.values())
 
@@ -230,14 +287,17 @@ class Scheduler:
                         break  # re-check gaps and samples waiting for a slot
                 if self._stop:
                     return
-            if self.batch_window_s:
+                decoding = bool(self._decodes)
+            if self.batch_window_s and not decoding:
                 time.sleep(self.batch_window_s)  # let requests sent together arrive together
             with self._cond:
                 ready = [] if self._paused else self._ready_locked()
-            if not ready:
+                decoding = bool(self._decodes) and not self._paused
+            if not ready and not decoding:
                 time.sleep(0.05)
                 continue
             self.cycle_started = time.monotonic()
+            self.stats["cycles"] += 1
             try:
                 self._cycle(ready)
             except Exception as e:  # noqa: BLE001 - never let the worker die
@@ -252,9 +312,12 @@ class Scheduler:
         """For healthz: whether the worker thread runs, seconds since its last sign of life and
         how long the running cycle has taken so far (from any thread)."""
         now, started = time.monotonic(), self.cycle_started
+        with self._cond:
+            decoding = self._decoding_locked()
         return {"alive": self._thread is not None and self._thread.is_alive(),
                 "heartbeat_age_s": round(now - self.heartbeat, 3),
-                "cycle_s": None if started is None else round(now - started, 3), "queued": self.queued()}
+                "cycle_s": None if started is None else round(now - started, 3), "queued": self.queued(),
+                "decoding": decoding}
 
     def _cycle(self, ready: list[Op]):
         control = [o for o in ready if o.kind == "control"]
@@ -269,6 +332,7 @@ class Scheduler:
             self._run_fwdbwd(ops[0].group, ops)
         if samples:
             self._run_samples(samples)
+        self._advance_decodes()
 
     def _run_one(self, op: Op, fn):
         try:
@@ -316,126 +380,6 @@ class Scheduler:
             return Result(json=dict(metrics, input_tokens=sum(len(e.input_tokens) for e in op.examples)))
         return Result(body=protocol.encode_forward_backward_output(lps, metrics),
                       content_type=protocol.PROTO_CONTENT_TYPE)
-
-    # ------------------------------------------------------------------ sampling
-    def ensure_sampler_adapter(self, adapter: str, keep: set[str]) -> None:
-        """Load a sampler's weights into a slot (evicting least recently used sampler adapters
-        not needed now when the pool is full)."""
-        fleet = self.fleet
-        if adapter in fleet.adapters:
-            self._sampler_lru.move_to_end(adapter, last=True)
-            return
-        loader = self._sampler_loaders.get(adapter)
-        if loader is None:
-            raise UserError(f"sampler weights {adapter!r} are gone")
-        self.make_room(keep)
-        loader(fleet, adapter)
-        self._sampler_lru[adapter] = None
-
-    def make_room(self, keep: set[str] = frozenset()) -> None:
-        """Free a slot if the pool is full by evicting least recently used sampler weights
-        (reloaded on demand); PoolFull if every slot holds a training model or a needed sampler."""
-        fleet = self.fleet
-        while len(fleet.adapters) >= fleet.max_adapters:
-            victim = next((a for a in self._sampler_lru if a not in keep), None)
-            if victim is None:
-                raise PoolFull(f"all {fleet.max_adapters} adapter slots are in use; close some training "
-                                "clients (their sessions) or samplers and retry")
-            fleet.remove_adapter(victim)
-            del self._sampler_lru[victim]
-
-    def has_room(self) -> bool:
-        """Whether `make_room` can free a slot now (read from any thread: a hint, not a promise)."""
-        return len(self.fleet.adapters) < self.fleet.max_adapters or bool(self._sampler_lru)
-
-    def drop_sampler_adapter(self, adapter: str):
-        self._sampler_loaders.pop(adapter, None)
-        if adapter in self._sampler_lru:
-            del self._sampler_lru[adapter]
-            if adapter in self.fleet.adapters:
-                self.fleet.remove_adapter(adapter)
-
-    def _run_samples(self, ops: list[Op]):
-        keep = {op.sample["adapter"] for op in ops if op.sample["adapter"] is not None}
-        live = []
-        for op in ops:
-            a = op.sample["adapter"]
-            try:
-                if a is not None:
-                    self.ensure_sampler_adapter(a, keep)
-                live.append(op)
-            except PoolFull:
-                waited = time.monotonic() - op.t
-                if waited < self.slot_wait_s:
-                    with self._cond:
-                        self._slot_wait.append(op)  # wait for a slot (a session closing, a job ending)
-                else:
-                    self.futures.complete(op.rid, Failure(
-                        f"waited {waited:.0f} s (the server's --slot-wait-s) for a free adapter slot to load "
-                        f"sampler weights into: all {self.fleet.max_adapters} slots are held by training clients "
-                        "or jobs; close some training clients (their sessions) and retry", "user"))
-            except Exception as e:  # noqa: BLE001
-                self.futures.complete(op.rid, Failure(str(e), "user"))
-        # prompt logprobs: one forward-only pass over every request that asked for them
-        plp: dict[str, list] = {}
-        want = [op for op in live if op.sample["prompt_logprobs"] and len(op.sample["prompt"]) >= 2]
-        if want:
-            exs = [Example(op.sample["adapter"], op.sample["prompt"][:-1], op.sample["prompt"][1:]) for op in want]
-            try:
-                res = self.fleet.forward_backward(exs, "cross_entropy", None, forward_only=True)
-                for op, lp in zip(want, res.logprobs):
-                    vals = [None] + list(lp)
-                    last_n = op.sample.get("prompt_logprobs_last_n")
-                    if last_n:
-                        vals = [None] * (len(vals) - last_n) + vals[-last_n:]
-                    plp[op.rid] = vals
-            except Exception as e:  # noqa: BLE001
-                for op in want:
-                    self.futures.complete(op.rid, Failure(f"prompt logprobs failed: {e}", "server"))
-                live = [op for op in live if op not in want]
-        for op in live:
-            if op.sample["prompt_logprobs"] and op.rid not in plp:
-                plp[op.rid] = [None] * len(op.sample["prompt"])
-        batches: dict[tuple, list[Op]] = {}
-        for op in live:
-            p: SamplingParams = op.sample["params"]
-            key = (p.max_tokens, p.temperature, p.top_p, p.top_k, tuple(map(repr, p.stop or [])), p.stop_on_eos, p.seed)
-            if p.seed is not None and p.temperature > 0:
-                key = key + (op.rid,)  # a seeded request runs alone: reproducible whatever is queued
-            elif not self.cross_model_batching:
-                key = key + (op.sample["adapter"],)
-            batches.setdefault(key, []).append(op)
-        for ops_ in batches.values():
-            params = ops_[0].sample["params"]
-            if params.seed is None and params.temperature > 0:
-                params = SamplingParams(**{**params.__dict__, "seed": random.getrandbits(62)})
-            reqs = [SampleRequest(op.sample["adapter"], op.sample["prompt"], op.sample["num_samples"]) for op in ops_]
-            try:
-                outs = self.fleet.sample(reqs, params)
-            except Exception as e:  # noqa: BLE001
-                if len(ops_) > 1:
-                    for op in ops_:  # isolate the failing request
-                        try:
-                            out = self.fleet.sample([SampleRequest(op.sample["adapter"], op.sample["prompt"],
-                                                                   op.sample["num_samples"])], params)[0]
-                            self.futures.complete(op.rid, self._sample_result(out, plp.get(op.rid)))
-                        except Exception as e2:  # noqa: BLE001
-                            self.futures.complete(op.rid, Failure(str(e2), "user"))
-                else:
-                    self.futures.complete(ops_[0].rid, Failure(str(e), "user"))
-                continue
-            self.stats["sample_calls"] += 1
-            self.stats["sample_ops"] += len(ops_)
-            self.stats["max_adapters_per_sample"] = max(self.stats["max_adapters_per_sample"],
-                                                        len({op.sample["adapter"] for op in ops_}))
-            for op, out in zip(ops_, outs):
-                self.futures.complete(op.rid, self._sample_result(out, plp.get(op.rid)))
-
-    @staticmethod
-    def _sample_result(seqs, prompt_logprobs) -> Result:
-        return Result(body=protocol.encode_sample_response(seqs, prompt_logprobs),
-                      content_type=protocol.PROTO_CONTENT_TYPE)
-
 
 def optim_config(adam: dict) -> OptimConfig:
     clip = float(adam.get("grad_clip_norm") or 0.0)
