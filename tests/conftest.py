@@ -4,3 +4,5 @@ OpenMP spin-waiting makes a 2-thread run on a busy 2-core machine many times slo
 import torch
 
 torch.set_num_threads(1)
+
+from rollout_helpers import vllm_server  # noqa: E402,F401 - the session's one vLLM server, for any test

@@ -6,6 +6,13 @@ from .base import RolloutEngine, RolloutError
 __all__ = ["ENGINES", "RolloutEngine", "RolloutError", "RolloutUnavailable", "make_engine"]
 
 ENGINES = ("vllm", "vllm-local", "sglang")
+BUILT = ("vllm", "vllm-local")  # engines with a sink in this version
+# each engine's own options (besides ``engine``), as make_engine accepts them
+OPTIONS = {
+    "vllm": ("url", "max_lora_rank", "adapter_dir", "timeout_s"),
+    "vllm-local": ("python", "max_lora_rank", "max_loras", "adapter_dir", "timeout_s", "startup_timeout_s",
+                   "dtype", "max_model_len", "enforce_eager", "extra_args", "port"),
+}
 
 
 class RolloutUnavailable(ValueError):
@@ -13,10 +20,30 @@ class RolloutUnavailable(ValueError):
 
 
 def make_engine(spec: dict, *, base_dir: str, max_rank: int) -> RolloutEngine:
-    """The engine a ``rollout:`` spec names. No sink (vLLM HTTP, vLLM local, SGLang HTTP) is built
-    yet, so every engine is refused by name at the job's start — never a silent fall-back to the
-    built-in sampler, which would train on a different behaviour policy than the user asked for."""
+    """The engine a ``rollout:`` spec names: ``vllm`` (a running server at ``url``) or
+    ``vllm-local`` (a server started here on ``base_dir``, with ``--max-lora-rank`` =
+    ``max_lora_rank`` or the trainer's ``max_rank``). Bad options are ValueErrors naming the
+    option; an engine that cannot be reached or started is a RolloutError. SGLang is refused by
+    name — never a silent fall-back to the built-in sampler, which would train on a different
+    behaviour policy than the user asked for."""
     name = spec.get("engine")
-    raise RolloutUnavailable(
-        f"rollout engine {name!r} is not available in this version of lorafleet: its sink is not built yet "
-        f"(known engines: {', '.join(ENGINES)}); remove the rollout: block to sample with the built-in sampler")
+    if name not in BUILT:
+        raise RolloutUnavailable(
+            f"rollout engine {name!r} is not available in this version of lorafleet"
+            + (": its sink is not built yet" if name in ENGINES else "")
+            + f" (available engines: {', '.join(BUILT)}); remove the rollout: block to sample with the built-in sampler")
+    opts = {k: v for k, v in spec.items() if k != "engine"}
+    unknown = sorted(set(opts) - set(OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"engine {name} has no option {', '.join(map(repr, unknown))} "
+                         f"(its options: {', '.join(OPTIONS[name])})")
+    if name == "vllm":
+        from .vllm import VLLMEngine
+
+        if not opts.get("url"):
+            raise ValueError("engine vllm needs url: the running server's http://host:port")
+        return VLLMEngine(opts.pop("url"), **opts)
+    from .vllm_local import start_local_engine
+
+    opts.setdefault("max_lora_rank", max_rank)
+    return start_local_engine(base_dir, **opts)
