@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 EXPERT_SHARING_MODES = ("none", "shared_a", "shared_outer")
@@ -28,6 +29,12 @@ class AdapterConfig:
         the other adapters in a batch). Expert LoRA has none (as in PEFT).
     layers_to_transform: PEFT's ``layers_to_transform``: decoder layer indices the adapter's
         LoRA (dense and experts) is restricted to; None: every layer.
+    rank_pattern / alpha_pattern: PEFT's per-module rank and alpha, ``{pattern: value}`` where a
+        pattern matches the end of a module key (a regex; PEFT's ``get_pattern_key``, first match
+        wins). Keys: a dense module's path (``model.layers.0.self_attn.q_proj``), an embedding's
+        path, an experts module's path plus ``.gate_up_proj`` / ``.down_proj``. Module m uses rank
+        ``r_m`` (the slot holds ``slot_rank``, the largest; the rest is zero padding that stays
+        zero) and scale ``alpha_m / r_m`` (rsLoRA: ``/ sqrt(r_m)``), exact in training too.
     """
 
     rank: int = 8
@@ -39,8 +46,12 @@ class AdapterConfig:
     seed: int = 0
     lora_dropout: float = 0.0
     layers_to_transform: tuple[int, ...] | None = None
+    rank_pattern: tuple[tuple[str, int], ...] | None = None
+    alpha_pattern: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self):
+        for field in ("rank_pattern", "alpha_pattern"):
+            object.__setattr__(self, field, _check_pattern(field, getattr(self, field)))
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         p = self.lora_dropout
@@ -86,6 +97,20 @@ class AdapterConfig:
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
+    @property
+    def slot_rank(self) -> int:
+        """The rank a slot holds for this adapter: the largest of ``rank`` and ``rank_pattern``."""
+        return max([self.rank] + [v for _, v in self.rank_pattern or ()])
+
+    def module_rank(self, key: str) -> int:
+        return pattern_value(self.rank_pattern or (), key, self.rank)
+
+    def module_scale(self, key: str) -> float:
+        """PEFT's scaling of module ``key``: ``alpha_m / r_m`` (rsLoRA: ``alpha_m / sqrt(r_m)``)."""
+        r = self.module_rank(key)
+        a = pattern_value(self.alpha_pattern or (), key, self.alpha)
+        return a / math.sqrt(r) if self.use_rslora else a / r
+
     def with_(self, **kw) -> "AdapterConfig":
         return replace(self, **kw)
 
@@ -96,13 +121,49 @@ class AdapterConfig:
             "experts": self.experts, "expert_sharing": self.expert_sharing, "use_rslora": self.use_rslora,
             "seed": self.seed, "lora_dropout": self.lora_dropout,
             "layers_to_transform": None if self.layers_to_transform is None else list(self.layers_to_transform),
+            # only when set, so configs without them keep their earlier dict (stores, checkpoints)
+            **({"rank_pattern": dict(self.rank_pattern)} if self.rank_pattern else {}),
+            **({"alpha_pattern": dict(self.alpha_pattern)} if self.alpha_pattern else {}),
         }
 
     @staticmethod
     def from_dict(d: dict) -> "AdapterConfig":
         allowed = {"rank", "alpha", "target_modules", "experts", "expert_sharing", "use_rslora", "seed",
-                   "lora_dropout", "layers_to_transform"}
+                   "lora_dropout", "layers_to_transform", "rank_pattern", "alpha_pattern"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown adapter field(s) {unknown}; allowed: {sorted(allowed)}")
         return AdapterConfig(**d)
+
+
+def pattern_value(patterns, key: str, default):
+    """PEFT's `get_pattern_key` lookup: the value of the first pattern that matches the end of
+    ``key`` (``patterns``: a dict or (pattern, value) pairs)."""
+    for k, v in (patterns.items() if isinstance(patterns, dict) else patterns):
+        if re.match(rf"(.*\.)?({k})$", key):
+            return v
+    return default
+
+
+def _check_pattern(field: str, pat):
+    """None / {} -> None; else (pattern, value) pairs in the given order, each checked."""
+    if pat is None:
+        return None
+    items = pat.items() if isinstance(pat, dict) else pat
+    try:
+        items = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"AdapterConfig.{field} must be a dict of module pattern -> value, got {pat!r}") from None
+    for k, v in items:
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"AdapterConfig.{field}: pattern {k!r} is not a non-empty string")
+        try:
+            re.compile(k)
+        except re.error as exc:
+            raise ValueError(f"AdapterConfig.{field}: pattern {k!r} is not a valid regular expression ({exc})") from None
+        if field == "rank_pattern":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"AdapterConfig.rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"AdapterConfig.alpha_pattern[{k!r}] must be a finite number, got {v!r}")
+    return tuple((k, v if field == "rank_pattern" else float(v)) for k, v in items) or None

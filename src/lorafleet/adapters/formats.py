@@ -85,7 +85,7 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     if format not in FORMATS:
         raise AdapterFormatError(f"unknown adapter format {format!r}; valid formats: {', '.join(FORMATS)}")
     cfg = weights.config
-    r = cfg.rank
+    r = cfg.slot_rank
     archs = _check_weights(weights)
     interleaved = {p: archs[p].interleaved_gate_up for p in archs}
     _check_vocab_export(weights, format)
@@ -141,8 +141,16 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
             "so PeftModel.from_pretrained will not reproduce it (vLLM reads it as written)",
             stacklevel=2,
         )
-    alpha = cfg.alpha
-    r_file, alpha, rank_pattern, alpha_pattern = _rank_patterns(used, r, alpha, cfg.use_rslora)
+    if format == "peft":
+        scales = {k: cfg.module_scale(k) for k in used}
+        r_file, alpha, rank_pattern, alpha_pattern = _rank_patterns(used, scales, r, cfg.alpha, cfg.use_rslora)
+    else:  # one rank and one scale in the engines' layouts
+        if len({cfg.module_scale(k) for k in _module_keys(weights)}) > 1:
+            raise AdapterFormatError(
+                f"format {format!r}: the adapter's modules have different LoRA scales (rank_pattern / alpha_pattern); "
+                "this layout carries one rank and one alpha, export with format 'peft'")
+        alpha = cfg.alpha if r == cfg.rank else cfg.scale * (math.sqrt(r) if cfg.use_rslora else r)
+        r_file, rank_pattern, alpha_pattern = r, {}, {}
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -212,40 +220,53 @@ def _used_ranks(weights: AdapterWeights) -> dict[str, int]:
     return out
 
 
-def _rank_patterns(used: dict[str, int], r: int, alpha: float, rslora: bool):
+def _module_keys(weights: AdapterWeights) -> list[str]:
+    """PEFT module keys of every factor pair (dense / embedding path, ``<experts path>.<param>``)."""
+    keys = list(weights.dense) + list(weights.embeddings)
+    return keys + [f"{p}.{PARAM_OF_PROJ[proj]}" for p, projs in weights.experts.items() for proj in projs]
+
+
+def _rank_patterns(used: dict[str, int], scales: dict[str, float], r: int, alpha: float, rslora: bool):
     """(r, lora_alpha, rank_pattern, alpha_pattern) for PEFT that give each module ``used[key]``
-    and the adapter's one scale. The most common rank is ``r``; a module name (last key part) whose
-    modules all share another rank gets one ``.*\\.<name>`` entry (as PEFT writes them), else each
-    such module its own escaped full key. Without cut ranks: ``r`` and ``alpha`` as they are."""
-    if not used or all(k == r for k in used.values()):
+    and its scale ``scales[key]``. The most common (rank, scale) is the default; a module name (last
+    key part) whose modules all share another one gets one ``.*\\.<name>`` entry (as PEFT writes
+    them), else each such module its own escaped full key. One rank and scale: ``r``, ``alpha``."""
+    def alpha_for(k, sc):  # the alpha that gives scale sc at rank k
+        return _number(sc * (math.sqrt(k) if rslora else k))
+
+    pairs = {key: (used[key], scales[key]) for key in used}
+    base_scale = alpha / (math.sqrt(r) if rslora else r)
+    if not pairs or all(k == r and math.isclose(sc, base_scale, rel_tol=1e-12) for k, sc in pairs.values()):
         return r, alpha, {}, {}
-    counts: dict[int, int] = {}
-    for k in used.values():
-        counts[k] = counts.get(k, 0) + 1
-    r_def = max(counts, key=lambda k: (counts[k], k))
-
-    def alpha_at(k):  # same scale as alpha / r (rsLoRA: alpha / sqrt(r)) at rank k
-        return _number(alpha * (math.sqrt(k / r) if rslora else k / r))
-
+    counts: dict[tuple, int] = {}
+    for v in pairs.values():
+        counts[v] = counts.get(v, 0) + 1
+    default = max(counts, key=lambda v: (counts[v], v[0], v[1] == base_scale))
     rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+
+    def put(pat, v):
+        rank_pattern[pat], alpha_pattern[pat] = v[0], alpha_for(*v)
+
     groups: dict[str, list[str]] = {}
-    for key in used:
+    for key in pairs:
         groups.setdefault(key.rsplit(".", 1)[-1], []).append(key)
     for name, keys in sorted(groups.items()):
-        ranks = {used[k] for k in keys}
-        if ranks == {r_def}:
+        vals = {pairs[k] for k in keys}
+        if vals == {default}:
             continue
-        if len(ranks) == 1:
-            rank_pattern[rf".*\.{re.escape(name)}"] = used[keys[0]]
+        if len(vals) == 1 and all("." in k for k in keys):  # ".*\.lm_head" would not match a top-level "lm_head"
+            put(rf".*\.{re.escape(name)}", pairs[keys[0]])
         else:
-            rank_pattern.update({re.escape(k): used[k] for k in sorted(keys) if used[k] != r_def})
-    alpha_pattern = {pat: alpha_at(k) for pat, k in rank_pattern.items()}
-    return r_def, alpha_at(r_def), rank_pattern, alpha_pattern
+            for k in sorted(keys):
+                if pairs[k] != default:
+                    put(re.escape(k), pairs[k])
+    return default[0], alpha_for(*default), rank_pattern, alpha_pattern
 
 
 def _check_weights(weights: AdapterWeights) -> dict[str, ExpertsArch]:
     """Validate shapes against the rank; return an ExpertsArch for every experts path."""
-    r = weights.config.rank
+    r = weights.config.slot_rank
     for p, (a, b) in list(weights.dense.items()) + list(weights.embeddings.items()):
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterFormatError(

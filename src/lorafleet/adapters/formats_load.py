@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -280,9 +279,10 @@ def _read_per_expert(pfile, by_e, archs, r, model_type):
 
 def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, found_arch, model_type,
             sglang_only, file, linear_shapes=None, archs=None) -> AdapterWeights:
-    """One rank and one scale for the whole adapter, every update unchanged: modules of lower rank
-    (rank_pattern, or every module but an unfused gate/up of rank 2r) are zero-padded; a module
-    whose PEFT scale (alpha_m / r_m) differs from the adapter's has the ratio folded into its B."""
+    """One slot rank for the whole adapter, every update unchanged: modules of lower rank
+    (rank_pattern, or every module but an unfused gate/up of rank 2r) are zero-padded; the most
+    common PEFT scale (alpha_m / r_m) is the adapter's, and a module with another one keeps it as an
+    ``alpha_pattern`` entry, so outputs and gradients are PEFT's."""
     s0 = alpha / (math.sqrt(r) if rslora else r)
     groups: list[list] = []  # [scale, count], equal scales (to rounding) grouped
     for sc in scales.values():
@@ -294,37 +294,16 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
     best = max((g[1] for g in groups), default=0)
     top = [g[0] for g in groups if g[1] == best]
     s_ref = next((sc for sc in top if math.isclose(sc, s0, rel_tol=1e-12)), top[0] if top else s0)
-    folded = []
-
-    def fold(key, b):
-        sc = scales.get(key, s_ref)
-        if math.isclose(sc, s_ref, rel_tol=1e-12):
-            return b
-        name = key if isinstance(key, str) else f"{key[0]}.{PARAM_OF_PROJ[key[1]]}"
-        if s_ref == 0:
-            raise AdapterFormatError(
-                f"{file.parent}: module {name} has LoRA scale {sc:g} but the adapter's scale is 0 (lora_alpha 0): "
-                "lorafleet has one scale per adapter and cannot fold a nonzero module scale into a zero one")
-        folded.append((name, sc))
-        out = (b.double() * (sc / s_ref)).to(torch.promote_types(b.dtype, torch.float32))
-        if not torch.isfinite(out).all():
-            raise AdapterFormatError(
-                f"{file.parent}: module {name}: its LoRA scale {sc:g} over the adapter's {s_ref:g} makes lora_B "
-                "non-finite (rank_pattern / alpha_pattern values out of range)")
-        return out
-
-    dense = {p: (a, fold(p, b)) for p, (a, b) in dense.items()}
-    experts = {p: {pr: (a, fold((p, pr), b)) for pr, (a, b) in d.items()} for p, d in experts.items()}
-    if folded:
-        shown = ", ".join(f"{k} {sc:g}" for k, sc in folded[:3])
-        shown += f" and {len(folded) - 3} more" if len(folded) > 3 else ""
-        warnings.warn(
-            f"{file.parent}: rank_pattern / alpha_pattern give {len(folded)} module(s) a LoRA scale "
-            f"(alpha/{'sqrt(r)' if rslora else 'r'}) other than the adapter's {s_ref:g}: {shown}. lorafleet has one "
-            "scale per adapter, so their lora_B is multiplied by the ratio: outputs are exact, but continued "
-            "training differs from PEFT (the effective learning rate of those lora_B changes by that ratio). "
-            "An alpha_pattern that keeps alpha/r equal everywhere avoids this.", UserWarning, stacklevel=4)
-
+    # a module whose PEFT scale is not the adapter's keeps it exactly: an alpha_pattern entry (its
+    # escaped full key, at the adapter's one slot rank) that the fleet reads as that module's scale
+    odd: dict[str, float] = {}
+    for key, sc in scales.items():
+        if not math.isclose(sc, s_ref, rel_tol=1e-12):
+            odd[key if isinstance(key, str) else f"{key[0]}.{PARAM_OF_PROJ[key[1]]}"] = sc
+    for key, sc in list(odd.items()) + [("the adapter (lora_alpha)", s_ref)]:
+        if not math.isfinite(float(torch.tensor(sc, dtype=torch.float32))):
+            raise AdapterFormatError(f"{file.parent}: module {key}: its LoRA scale {sc:g} (rank_pattern / "
+                                     "alpha_pattern) is not finite in float32")
     ranks = [a.shape[0] for a, _ in dense.values()] + [ab[0].shape[1] for d in experts.values() for ab in d.values()]
     big_r = max([r] + ranks)
     if not math.isclose(s_ref, s0, rel_tol=1e-12):
@@ -372,9 +351,11 @@ def _finish(cfg, meta, r, alpha, rslora, dense, experts, scales, shared_dims, fo
             d[proj] = (fac["A"], fac["B"])
 
     targets = tuple(sorted({p.rsplit(".", 1)[-1] for p in dense}))
+    f_r = math.sqrt(big_r) if rslora else big_r
+    alpha_pattern = {re.escape(k): sc * f_r for k, sc in sorted(odd.items())} or None
     config = AdapterConfig(rank=big_r, alpha=alpha, target_modules=targets, experts=bool(experts),
                            expert_sharing=mode, use_rslora=rslora, lora_dropout=float(cfg.get("lora_dropout") or 0.0),
-                           layers_to_transform=layers)
+                           layers_to_transform=layers, alpha_pattern=alpha_pattern)
     return AdapterWeights(config=config, dense=dense, experts=experts, model_type=model_type,
                           base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
                           experts_arch={p: found_arch[p] for p in experts})

@@ -8,6 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
+from ..config import pattern_value  # noqa: F401 (re-exported: the loader's PEFT pattern lookup)
 from .formats_layouts import PROJ_OF_PARAM, PREFIX, AdapterFormatError
 from .weights import ExpertsArch
 
@@ -142,12 +143,6 @@ def _check_init(init, bad) -> None:
                   f"{', '.join(repr(i) for i in _PLAIN_INITS)}, 'mica')")
 
 
-def pattern_value(patterns: dict, key: str, default):
-    """PEFT's `get_pattern_key` lookup: the first pattern that matches the end of ``key``."""
-    for k, v in patterns.items():
-        if re.match(rf"(.*\.)?({k})$", key):
-            return v
-    return default
 
 
 _ROUTER_HINT = (

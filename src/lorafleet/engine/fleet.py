@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ..adapters.formats_layouts import PARAM_OF_PROJ
 from ..adapters.weights import AdapterWeights, ExpertsArch
 from ..config import AdapterConfig
 from ..lora import Routing, SlotBank, SlotInfo, use_routing
@@ -150,10 +151,9 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
             raise ValueError(f"adapter {name!r} already exists (slot {self._slots[name]})")
         if not isinstance(config, AdapterConfig):
             raise ValueError(f"config must be a lorafleet.AdapterConfig, got {type(config).__name__}")
-        if config.rank > self.bank.max_rank:
-            raise ValueError(
-                f"adapter {name!r}: rank {config.rank} is above this fleet's max_rank {self.bank.max_rank}"
-            )
+        if config.slot_rank > self.bank.max_rank:
+            what = f"rank {config.rank}" if config.slot_rank == config.rank else f"rank_pattern rank {config.slot_rank}"
+            raise ValueError(f"adapter {name!r}: {what} is above this fleet's max_rank {self.bank.max_rank}")
         if config.experts and self.spec.moe and not self.expert_lora:
             why = "the fleet was built with expert_lora=False" if not self.spec.experts_problems else (
                 f"this fleet has none: lorafleet does not support the experts of {self.spec.model_type} "
@@ -200,7 +200,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         paths = self._validate(name, config, slot)
         slot = self.bank.free_slot() if slot is None else slot
         try:
-            self.bank.slots[slot] = SlotInfo(name, config.rank, config.scale, bool(self.expert_paths(config)),
+            self.bank.slots[slot] = SlotInfo(name, config.slot_rank, config.scale, bool(self.expert_paths(config)),
                                              config.expert_sharing)
             self._slots[name], self._configs[name] = slot, config
             # a reused slot starts with zero moments, step 0; fp16 gets a fresh loss scale
@@ -223,10 +223,19 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
     @torch.no_grad()
     def _reset_slot(self, slot: int, config: AdapterConfig | None, paths: set[str]):
         """Zero the slot everywhere, then (for a new adapter) draw A from the adapter's seed in a
-        fixed module order, so an adapter's init does not depend on its slot or on neighbours."""
+        fixed module order, so an adapter's init does not depend on its slot or on neighbours.
+        A module of a smaller ``rank_pattern`` rank inits only its own rows (the rest stays zero);
+        a module whose scale differs from the adapter's (``rank_pattern`` / ``alpha_pattern``)
+        gets it as the layer's override for this slot."""
         gen = torch.Generator().manual_seed(config.seed) if config is not None else None
-        r = config.rank if config is not None else 0
+        r = config.slot_rank if config is not None else 0
         exp_paths = set(self.expert_paths(config)) if config is not None else set()
+        for m in self._att.lora_modules():
+            for k in [k for k in m.scale_override if (k[0] if isinstance(k, tuple) else k) == slot]:
+                del m.scale_override[k]
+
+        def module(key):  # (rank, scale) of one module key; the scale recorded where it differs
+            return config.module_rank(key), config.module_scale(key)
         for m in self._att.linears.values():
             for p in m.parameters(recurse=False):
                 p[slot].zero_()
@@ -237,12 +246,23 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         for path, m in self._att.linears.items():
             m.enabled[slot] = path in paths
             if path in paths:
-                m.lora_A[slot, :r] = kaiming_uniform_A((r, m.in_features), gen, m.lora_A.dtype, m.lora_A.device)
+                rm, sm = module(path)
+                m.lora_A[slot, :rm] = kaiming_uniform_A((rm, m.in_features), gen, m.lora_A.dtype, m.lora_A.device)
+                if sm != config.scale:
+                    m.scale_override[slot] = sm
         for path, m in self._att.experts.items():
             use_experts = path in exp_paths
             m.enabled[slot] = use_experts
             if use_experts:
                 m.init_slot(slot, r, config.expert_sharing, gen)
+                views = {k: (p, idx) for k, p, idx in m.factor_views(slot, r, config.expert_sharing)}
+                for proj, param in PARAM_OF_PROJ.items():
+                    rm, sm = module(f"{path}.{param}")
+                    if rm < r:  # rows past the module's rank: zero padding, as a loaded file has it
+                        p, idx = views[f"{proj}.A"]
+                        p[idx][:, rm:] = 0
+                    if sm != config.scale:
+                        m.scale_override[(slot, proj)] = sm
         for path, m in self._att.embeddings.items():  # PEFT's embedding init: A zeros, B normal
             for p in m.parameters(recurse=False):
                 p[slot].zero_()
@@ -250,9 +270,12 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
                     p.grad[slot].zero_()
             m.enabled[slot] = path in paths
             if path in paths:
-                _, b = peft_embedding_init(r, m.num_embeddings, m.embedding_dim, gen, m.lora_embedding_B.dtype,
+                rm, sm = module(path)
+                _, b = peft_embedding_init(rm, m.num_embeddings, m.embedding_dim, gen, m.lora_embedding_B.dtype,
                                            m.lora_embedding_B.device)
-                m.lora_embedding_B[slot, :, :r] = b
+                m.lora_embedding_B[slot, :, :rm] = b
+                if sm != config.scale:
+                    m.scale_override[slot] = sm
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -335,7 +358,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
                 p, seed, counter = self._last_dropout[slot]
                 noise = dropout_noise((end - start, m.in_features), p, seed, counter, path, m.lora_A.dtype,
                                       m.lora_A.device)
-            out.append(HeadLoRARun(start, end, m.lora_A[slot, :r], m.lora_B[slot, :, :r], info.scale, noise))
+            out.append(HeadLoRARun(start, end, m.lora_A[slot, :r], m.lora_B[slot, :, :r],
+                                   m.scale_override.get(slot, info.scale), noise))
         return out or None
 
     def _dropout_plan(self, row_slots: list[int]) -> dict[int, tuple[float, int, int]]:
@@ -390,7 +414,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
         rank-sliced view of that factor. Keys match `AdapterWeights.tensors()`. The one place that
         knows where an adapter lives in the bank (export, optimizer and checkpoints all use it)."""
         slot, config = self.slot_of(name), self._configs[name]
-        r = config.rank
+        r = config.slot_rank
         views = []
         for path, m in self._att.linears.items():
             if m.enabled[slot]:
@@ -455,7 +479,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
             missing, extra = sorted(paths - got), sorted(got - paths)
             raise ValueError(f"adapter {name!r}: weights do not match its targets (missing {missing[:4]}, "
                              f"unexpected {extra[:4]})")
-        r = config.rank
+        r = config.slot_rank
         shapes = {path: (mod.in_features, mod.out_features) if isinstance(mod, torch.nn.Linear)
                   else (mod.num_embeddings, mod.embedding_dim) for path, mod in vocab.values()}
         shapes.update({p: (m.in_features, m.out_features) for p, m in self._att.linears.items()})
@@ -500,9 +524,10 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
     def set_adapter_weights(self, name: str, w: AdapterWeights) -> None:
         """Overwrite an existing adapter's factors (its config must match the stored one's shapes)."""
         self.slot_of(name)
-        if (w.config.rank, w.config.expert_sharing) != (self._configs[name].rank, self._configs[name].expert_sharing):
-            raise ValueError(f"adapter {name!r}: weights have rank {w.config.rank} / {w.config.expert_sharing}, "
-                             f"the slot holds rank {self._configs[name].rank} / {self._configs[name].expert_sharing}")
+        mine = self._configs[name]
+        if (w.config.slot_rank, w.config.expert_sharing) != (mine.slot_rank, mine.expert_sharing):
+            raise ValueError(f"adapter {name!r}: weights have rank {w.config.slot_rank} / {w.config.expert_sharing}, "
+                             f"the slot holds rank {mine.slot_rank} / {mine.expert_sharing}")
         self._check_weights(name, w)
         values = dict(w.tensors())
         masters = self._train[name].adam.master

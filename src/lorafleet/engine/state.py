@@ -145,7 +145,7 @@ class StateMixin:
         """Factor shapes of an adapter with ``config`` that is not in the fleet yet."""
         from ..lora.experts import SHARED_FACTORS
 
-        r, out = config.rank, {}
+        r, out = config.slot_rank, {}
         for path, m in self._att.linears.items():
             if path in paths:
                 out[f"{path}.A"], out[f"{path}.B"] = (r, m.in_features), (m.out_features, r)

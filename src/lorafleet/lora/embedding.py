@@ -6,9 +6,7 @@ Matches PEFT 0.21's ``lora.Embedding`` (``peft/tuners/lora/layer.py``): per slot
 Gemma's scaled embeddings do). No dropout on embeddings (PEFT's Embedding never applies its
 dropout module). PEFT's default init is the reverse of a linear's: A zeros, B normal.
 
-Not yet attached by `models.attach` / the fleet (see docs/peft_parity.md): the layer and its
-mixed-batch numerics are here and tested against PEFT; wiring targets, init, optimizer views and
-PEFT file keys (``...embed_tokens.lora_embedding_A``) is the remaining step.
+Attached by the fleet on demand (`models.attach.attach_vocab`, target ``"embed_tokens"``).
 """
 
 from __future__ import annotations
@@ -45,6 +43,7 @@ class MultiLoRAEmbedding(nn.Module):
         self.lora_embedding_A = nn.Parameter(torch.zeros(S, R, base.num_embeddings, dtype=dtype, device=dev))
         self.lora_embedding_B = nn.Parameter(torch.zeros(S, base.embedding_dim, R, dtype=dtype, device=dev))
         self.enabled = [False] * S
+        self.scale_override: dict[int, float] = {}  # slot -> scale where not the slot's (alpha_pattern)
 
     @property
     def num_embeddings(self):
@@ -80,7 +79,7 @@ class MultiLoRAEmbedding(nn.Module):
             a_t = self.lora_embedding_A[slot, :r].T  # [num_embeddings, r], as PEFT's embedding_A
             after_a = F.embedding(flat[start:end], a_t, padding_idx=base.padding_idx, max_norm=base.max_norm,
                                   norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq)
-            out = (after_a @ self.lora_embedding_B[slot, :, :r].T) * info.scale
+            out = (after_a @ self.lora_embedding_B[slot, :, :r].T) * self.scale_override.get(slot, info.scale)
             if start > at:
                 pieces.append(delta[at:start])
             pieces.append(out)

@@ -84,6 +84,8 @@ class MultiLoRAExperts(nn.Module):
         # per factor (FACTORS order): slot -> (first row, rows, shared)
         self._rows: list[dict[int, tuple[int, int, bool]]] = [{} for _ in FACTORS]
         self.enabled = [False] * bank.max_adapters
+        # (slot, "gate_up" | "down") -> that projection's scale where not the slot's (PEFT patterns)
+        self.scale_override: dict[tuple[int, str], float] = {}
 
     # ------------------------------------------------------------ slot layout
     def _factor_param(self, factor: int) -> nn.Parameter:
@@ -244,11 +246,12 @@ class MultiLoRAExperts(nn.Module):
                         info = self.bank.info(s)
                         row0 = [self.factor_index(s, 0, f) for f in range(4)]
                         rows = [(r0, self.factor_index(s, 1, f) - r0) for f, r0 in zip(range(4), row0)]
-                        per_slot[s] = info.rank, info.scale, rows
+                        sc = tuple(self.scale_override.get((s, p), info.scale) for p in ("gate_up", "down"))
+                        per_slot[s] = info.rank, sc, rows
                     r, sc, rows = per_slot[s]
                     ix = [r0 + step * e for r0, step in rows]
-                    lora["gate_up"].append(Segment(pos, pos + n, ix[0], ix[1], r, sc))
-                    lora["down"].append(Segment(pos, pos + n, ix[2], ix[3], r, sc))
+                    lora["gate_up"].append(Segment(pos, pos + n, ix[0], ix[1], r, sc[0]))
+                    lora["down"].append(Segment(pos, pos + n, ix[2], ix[3], r, sc[1]))
                 pos += n
             expert_offsets.append(pos)
         return perm, expert[perm], expert_offsets, lora

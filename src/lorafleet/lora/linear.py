@@ -46,6 +46,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(S, R, base.in_features, dtype=dtype, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(S, base.out_features, R, dtype=dtype, device=dev))
         self.enabled = [False] * S  # does slot s target this module
+        # slot -> this module's LoRA scale where it is not the slot's (PEFT rank_pattern / alpha_pattern)
+        self.scale_override: dict[int, float] = {}
 
     @property
     def in_features(self):
@@ -68,7 +70,7 @@ class MultiLoRALinear(nn.Module):
         for slot, start, end in routing.segments(num_tokens, self.path):
             if self.enabled[slot]:
                 info = self.bank.info(slot)
-                segs.append(Segment(start, end, slot, slot, info.rank, info.scale))
+                segs.append(Segment(start, end, slot, slot, info.rank, self.scale_override.get(slot, info.scale)))
         return segs
 
     def _fusable(self, x: torch.Tensor) -> bool:
