@@ -195,3 +195,80 @@ def test_a_running_decodes_weights_are_never_evicted(sched):
     assert "pool_full" in outcome and "w" in fleet.adapters
     got = _decode_samples(s.futures.wait_sync(rid, T).body)
     assert [q.tokens for q in ref] == [q[0] for q in got]
+
+
+# ---------------------------------------------------------------------------- a real `lorafleet serve`
+def test_serve_flags_and_bad_values(capsys):
+    from lorafleet.cli import main
+
+    for flag, value in (("--decode-chunk-tokens", "-1"), ("--fair-share-tokens", "0")):
+        assert main(["serve", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and flag in err, err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--decode-chunk-tokens N" in out and "(default: 32)" in out and "(default: 4096)" in out
+
+
+@pytest.mark.slow  # ~25-50 s on the shared 2-core box, most of it the server's start
+def test_serve_process_small_sample_beside_a_huge_one_then_sigterm(tmp_path):
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    import httpx
+
+    from lorafleet.service.server import free_port
+
+    keys = {"alice": "tml-alice-0123456789", "bob": "tml-bob-0123456789"}
+    port = free_port()
+    env = dict(os.environ, LORAFLEET_API_KEYS=",".join(f"{t}:{k}" for t, k in keys.items()), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path), "--base", "debug:qwen3_moe", "--max-rank", "8", "--threads", "1",
+                             "--decode-chunk-tokens", "8", "--shutdown-grace-s", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/api/v1"
+
+    def asample(http, key, n, max_tokens):
+        r = http.post(f"{url}/asample", headers={"X-API-Key": key}, json={
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [3, 7, 9, 11]}]}, "num_samples": n,
+            "sampling_params": {"max_tokens": max_tokens, "stop": [], "temperature": 1.0}})
+        assert r.status_code == 200, r.text
+        return r.json()["request_id"]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        with httpx.Client(timeout=30) as http:
+            big = asample(http, keys["alice"], 16, 4000)  # ~15 s alone on one core
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            small = asample(http, keys["bob"], 1, 2)
+            r = http.post(f"{url}/retrieve_future", headers={"X-API-Key": keys["bob"]}, json={"request_id": small})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-protobuf"), r.text
+            assert time.monotonic() - t0 < 5.0
+            assert "lorafleet_scheduler_queue_depth 1.0" in http.get(f"http://127.0.0.1:{port}/metrics").text
+        t1 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # the big decode is still running: answered retryably (lost: 410)
+        out, _ = proc.communicate(timeout=60)
+        assert time.monotonic() - t1 < 10.0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0 and "lorafleet serve: stopped" in out, out
+    with sqlite3.connect(tmp_path / "lorafleet.db") as db:
+        status = dict(db.execute("SELECT id, status FROM requests").fetchall())
+    assert status[big] == "lost" and status[small] == "done", status

@@ -139,10 +139,22 @@ SERVE_LIMITS = {
     "max_sessions_per_tenant": (int, 256, "open sessions per tenant (0: no limit); over it: 429"),
     "max_jobs_per_tenant": (int, 64, "queued + running jobs per tenant (0: no limit); over it: 429"),
     "max_queued_per_tenant": (int, 1024, "accepted, unfinished requests per tenant (0: no limit); over it: 429"),
+    "decode_chunk_tokens": (int, 32, "decode steps a running sample takes per scheduler cycle before other work "
+                            "runs (0: each sample decodes to its end at once, the old behaviour)"),
+    "fair_share_tokens": (int, 4096, "tokens of work (fairness.py's prices) each tenant with work gets per "
+                          "scheduler cycle (deficit round-robin)"),
 }
+SERVE_MINIMUM = {"decode_chunk_tokens": 0, "fair_share_tokens": 1}  # checked before the base loads
+
+
+def _check_serve_limits(args) -> None:
+    for name, low in SERVE_MINIMUM.items():
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def _serve(args) -> int:
+    _check_serve_limits(args)
     _threads(args, builtin_base=args.base is None or not Path(args.base).is_dir())
     kwargs = dict(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
                   max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,

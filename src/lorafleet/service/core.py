@@ -62,6 +62,10 @@ class ServiceConfig:
     max_sessions_per_tenant: int = 256
     max_jobs_per_tenant: int = 64
     max_queued_per_tenant: int = 1024
+    # fair scheduling (fairness.py): decode steps a running sample takes per scheduler cycle (0: to
+    # its end at once), and tokens of work each tenant with work gets per cycle
+    decode_chunk_tokens: int = 32
+    fair_share_tokens: int = 4096
     # sampling through a rollout engine (rollout_sampling.py); "": the built-in decoder
     rollout_url: str = ""
     rollout_engine: str = "vllm"  # "vllm" | "sglang"
@@ -126,7 +130,9 @@ class Service:
         self.scheduler = Scheduler(self.fleet, self.futures, batch_window_s=self.config.batch_window_s,
                                    gap_timeout_s=self.config.gap_timeout_s,
                                    cross_model_batching=self.config.cross_tenant_batching,
-                                   slot_wait_s=self.config.slot_wait_s)
+                                   slot_wait_s=self.config.slot_wait_s,
+                                   decode_chunk_tokens=self.config.decode_chunk_tokens,
+                                   fair_share_tokens=self.config.fair_share_tokens)
         self.recovered = recover(self)
         self.jobs = JobRunner(self)
         self.scheduler.start()
