@@ -272,3 +272,25 @@ def test_serve_process_small_sample_beside_a_huge_one_then_sigterm(tmp_path):
     with sqlite3.connect(tmp_path / "lorafleet.db") as db:
         status = dict(db.execute("SELECT id, status FROM requests").fetchall())
     assert status[big] == "lost" and status[small] == "done", status
+
+
+def test_a_decode_that_does_not_fit_beside_the_running_one_waits_for_it(sched):
+    from lorafleet.service.budget import MemoryBudget, ModelShape
+    from lorafleet.service.budget_fleet import BudgetedFleet
+
+    fleet = _fleet()
+    one = MemoryBudget(ModelShape.of(fleet.model), 0, 0, 0).sample_bytes(4, 4, 60)
+    budget = MemoryBudget(ModelShape.of(fleet.model), int(1.5 * one), 0, 0)  # one decode fits, two do not
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s, stop_on_eos=False) for s in (1, 2)]
+    refs = [fleet.sample([SampleRequest(None, [3, 7, 9, 11], 4)], p)[0] for p in params]
+    s = sched(BudgetedFleet(fleet, budget), decode_chunk_tokens=4)
+    s.pause()
+    rids = [_sample(s, t, n=4, max_tokens=60, seed=p.seed) for t, p in zip("ab", params)]
+    s.resume()
+    most = 0
+    while any(s.futures.peek(r) is None for r in rids):
+        most = max(most, len(s._decodes))
+        time.sleep(0.001)
+    assert most == 1
+    for rid, ref in zip(rids, refs):
+        assert [q[0] for q in _decode_samples(s.futures.peek(rid).body)] == [q.tokens for q in ref]

@@ -170,6 +170,12 @@ class FutureStore:
         with self._lock:
             return sum(1 for e in self._entries.values() if e.outcome is None)
 
+    def pending_of(self, tenant: str) -> int:
+        """The tenant's accepted, unfinished, journaled requests (the service's own internal work,
+        such as a job's steps, is not durable and not counted)."""
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.tenant == tenant and e.durable and e.outcome is None)
+
     def _purge_locked(self):
         now = time.monotonic()
         old = [k for k, e in self._entries.items() if e.done_at is not None and now - e.done_at > self.keep_s]

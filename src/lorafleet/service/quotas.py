@@ -91,14 +91,6 @@ class Quotas:
         limit = self._cfg.max_queued_per_tenant
         if limit <= 0:
             return
-        n = pending_of(self.service.futures, tenant)
+        n = self.service.futures.pending_of(tenant)
         if n >= limit:
             raise QuotaExceeded(tenant, "queued_requests", limit, f"{n} accepted request(s) not finished yet")
-
-
-def pending_of(futures, tenant: str) -> int:
-    """The tenant's accepted, unfinished, journaled requests (the service's own internal work,
-    such as a job's steps, is not durable and not counted). Reads `FutureStore`'s entries under
-    its lock; futures.py has no per-tenant count of its own."""
-    with futures._lock:
-        return sum(1 for e in futures._entries.values() if e.tenant == tenant and e.durable and e.outcome is None)

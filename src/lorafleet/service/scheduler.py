@@ -75,6 +75,8 @@ class Scheduler(SampleRunning):
         # always does, its ranks decode in lockstep through fleet.sample)
         self.decode_chunk_tokens = decode_chunk_tokens
         self._drr = DeficitRoundRobin(fair_share_tokens)
+        # a distributed server's ranks decode in lockstep inside fleet.sample: no resumable decodes there
+        self._resumable = hasattr(fleet, "start_sample") and getattr(fleet, "comm", None) is None
         self._decodes: list[RunningDecode] = []  # in flight, oldest first (worker thread; mutated under _cond)
         self._mem_wait: list[Op] = []  # samples whose decode batch waits for running ones to free memory
         self._drop_after_decode: set[str] = set()  # sampler weights dropped while a decode still reads them
@@ -243,7 +245,7 @@ class Scheduler(SampleRunning):
         return op_price(op, whole_decode=not self._chunked())
 
     def _chunked(self) -> bool:
-        return self.decode_chunk_tokens > 0 and getattr(self.fleet, "comm", None) is None
+        return self.decode_chunk_tokens > 0 and self._resumable
 
     def _ready_locked(self):
         """A new cycle: grant every tenant with work its fair share, take what the shares pay for
@@ -260,7 +262,7 @@ class Scheduler(SampleRunning):
                 wants.setdefault(op.tenant, self._price(op))  # each tenant's oldest op
             self._drr.fast_forward(wants)
             ready = self._take_locked(self._heads_locked(now))
-        if self._mem_wait and (ready or self._decodes):
+        if self._mem_wait:
             ready[:0], self._mem_wait = self._mem_wait, []  # their batches may fit now
         if self._slot_wait and (ready or now - self._slot_retry >= 0.2):
             ready[:0], self._slot_wait = self._slot_wait, []  # retry them: a slot may have been freed
@@ -272,7 +274,7 @@ class Scheduler(SampleRunning):
         return bool(shares) and all(self._drr.afford(t, s) for t, s in shares.items())
 
     def _has_ready_locked(self) -> bool:
-        if self._free_ops or self._decodes:
+        if self._free_ops or self._decodes or self._mem_wait:
             return True
         return any(q.next_seq in q.ops or (q.ops and q.blocked_since is not None) for q in self._models.values())
 
