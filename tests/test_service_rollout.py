@@ -9,6 +9,7 @@ the client. The real vLLM version of these checks is at the end (the `vllm_serve
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -290,3 +291,73 @@ def test_serve_with_an_unreachable_engine_is_one_line(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("lorafleet serve: error: rollout engine vllm"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- the real vLLM (the session's `vllm_server`) behind a real `lorafleet serve` process
+def _serve(tmp_path, base, url, *extra):
+    port = free_port()
+    env = {**__import__("os").environ, "LORAFLEET_API_KEYS": f"alice:{KEY}", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path), "--base", str(base), "--max-rank", "8", "--threads", "1",
+                             "--rollout-url", url, *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            return proc, None
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz", timeout=1).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def _engine_adapters(url) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"] if m.get("parent")}
+
+
+def test_real_vllm_serves_the_sdk_sampling_with_the_built_in_greedy_tokens(tmp_path, vllm_server):
+    proc, url = _serve(tmp_path, vllm_server.base_dir, vllm_server.url, "--rollout-max-rank",
+                       str(vllm_server.max_lora_rank))
+    try:
+        assert url is not None, proc.stdout.read()
+        before = _engine_adapters(vllm_server.url)
+        with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+            tc = sc.create_lora_training_client(base_model=str(vllm_server.base_dir), rank=4, seed=2).result(timeout=T)
+            tok = tc.get_tokenizer()
+            for _ in range(3):
+                tc.forward_backward([datum(tok, "the cat sat on the mat")], "cross_entropy").result(timeout=T)
+                tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(timeout=T)
+            prompt = types.ModelInput.from_ints(tok.encode("the cat"))
+            greedy = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
+            through_vllm = tc.save_weights_and_get_sampling_client().sample(prompt, 1, greedy).result(timeout=T)
+            (name,) = _engine_adapters(vllm_server.url) - before
+            assert name.startswith("lf-")
+            # a weights checkpoint opened as a sampler stays with the built-in decoder: the reference
+            built_in = sc.create_sampling_client(model_path=tc.save_state("ref").result(timeout=T).path)
+            ref = built_in.sample(prompt, 1, greedy).result(timeout=T)
+            a, b = through_vllm.sequences[0], ref.sequences[0]
+            assert a.tokens == b.tokens and a.stop_reason == b.stop_reason == "length"
+            assert a.logprobs == pytest.approx(b.logprobs, rel=1e-4, abs=1e-5)
+        deadline = time.monotonic() + 20  # the session closed: its adapter is unloaded from vLLM
+        while name in _engine_adapters(vllm_server.url):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def test_a_vllm_on_another_base_is_refused(tmp_path, vllm_server):
+    """The real vLLM serves the 112-token base; a service on debug:qwen3 (256 tokens, other
+    weights) refuses it at start, naming what the engine serves (the CLI prints this one line)."""
+    cfg = ServiceConfig(data_dir=str(tmp_path), max_rank=8, rollout_url=vllm_server.url,
+                        rollout_max_rank=vllm_server.max_lora_rank)
+    with pytest.raises(ValueError) as e:
+        build_service(BASE, cfg, log_fn=lambda *a: None)
+    assert re.fullmatch(r"rollout engine vllm at http://127\.0\.0\.1:\d+ does not serve this server's base "
+                        r"'debug:qwen3' \(it serves '.*base'\): .* nats per token .*same model directory",
+                        str(e.value)), str(e.value)
