@@ -2,10 +2,14 @@
 SGLang 0.5.23's request format and answers in its response format."""
 
 import json
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import lorafleet as lf
 from lorafleet.engine.sampling import SamplingParams
@@ -228,3 +232,79 @@ def test_the_fake_refuses_what_sglangs_contract_refuses():
     assert set(sent) <= set(SAMPLING_KEYS)
     assert set(sent) == {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids",
                          "ignore_eos", "sampling_seed"}
+
+
+# ---- SGLang's own code, on CPU: `pip install sglang==0.5.23` into a separate environment (about
+# 11 GB; it pins its own torch) and point LORAFLEET_SGLANG_PYTHON at its python.
+SGLANG_PYTHON = os.environ.get("LORAFLEET_SGLANG_PYTHON")
+
+
+def _trained(kind, targets, **cfg):
+    model = build_debug_model(kind)
+    fleet = lf.Fleet(model, max_adapters=2, max_rank=8)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=4, target_modules=targets, seed=0, **cfg))
+    fleet.set_optimizer("a", lf.OptimConfig(lr=5e-2))
+    fleet.forward_backward([lf.Example("a", input_tokens=[1, 5, 6, 7], target_tokens=[5, 6, 7, 9])],
+                           loss_fn="cross_entropy")
+    fleet.optim_step(["a"])  # B no longer zero: the values compared below mean something
+    return fleet, model.config
+
+
+@pytest.mark.slow
+def test_sglangs_loader_reads_the_exports_and_its_contract_admits_the_bodies(base, tmp_path):
+    if not SGLANG_PYTHON:
+        pytest.skip("set LORAFLEET_SGLANG_PYTHON to a python with sglang==0.5.23 installed (see docs/rollout_sglang.md)")
+    from safetensors.torch import load_file
+
+    cases = {"dense": ("qwen3", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}),
+             "dense_qv": ("qwen3", ["q_proj", "v_proj", "down_proj"], {}),
+             "moe": ("qwen3_moe", ["q_proj", "v_proj"], {"experts": True})}
+    fleets, adapters = {}, []
+    for case, (kind, targets, cfg) in cases.items():
+        fleet, config = _trained(kind, targets, **cfg)
+        fleets[case] = fleet
+        config.save_pretrained(tmp_path / case / "base")
+        fleet.snapshot("a", layout="sglang").write(tmp_path / case / "adapter")
+        adapters.append({"base": str(tmp_path / case / "base"), "adapter": str(tmp_path / case / "adapter"),
+                         "out": str(tmp_path / case / "sglang.safetensors")})
+    d, fleet = base
+    with FakeSGLang(d) as fake:  # the bodies the sink really sends
+        eng = _engine(fake, d)
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        eng.generate("a", [[1, 2], [3]], SamplingParams(max_tokens=3, top_k=5, stop=[7, "x"], seed=3,
+                                                        stop_on_eos=False), 2)
+        eng.generate(None, [[1, 2]], SamplingParams(max_tokens=2, temperature=0.0), 1)
+        eng.prompt_logprobs("a", [1, 2, 3])
+        bodies = _bodies(fake, "/generate")
+        eng.close()
+    bodies.append({"input_ids": [1], "sampling_params": {"max_tokens": 1}})  # the contract must refuse this one
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"adapters": adapters, "bodies": bodies}))
+    run = subprocess.run([SGLANG_PYTHON, str(Path(__file__).parent / "sglang_loader_check.py"), str(job)],
+                         capture_output=True, text=True, timeout=600)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("SGLANG_CHECK ")), None)
+    assert line, run.stderr[-3000:]
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["bodies"][:-1] == [None] * (len(bodies) - 1)
+    assert "unknown field `max_tokens`" in result["bodies"][-1]
+    for case, got in zip(cases, result["adapters"]):
+        assert "error" not in got and got["problems"] == [], (case, got)
+        w = fleets[case].get_adapter_weights("a")
+        sg = load_file(str(tmp_path / case / "sglang.safetensors"))
+        stem = "base_model.model.model.layers.0."
+        (qa, qb), (va, vb) = w.dense["model.layers.0.self_attn.q_proj"], w.dense["model.layers.0.self_attn.v_proj"]
+        ka, kb = w.dense.get("model.layers.0.self_attn.k_proj", (torch.zeros_like(va), torch.zeros_like(vb)))
+        assert sg[stem + "self_attn.qkv_proj.lora_A.weight"].equal(torch.cat([qa, ka, va]))
+        assert sg[stem + "self_attn.qkv_proj.lora_B.weight"].equal(torch.cat([qb, kb, vb]))
+        if case == "dense":
+            (ga, gb), (ua, ub) = w.dense["model.layers.0.mlp.gate_proj"], w.dense["model.layers.0.mlp.up_proj"]
+            assert sg[stem + "mlp.gate_up_proj.lora_A.weight"].equal(torch.cat([ga, ua]))
+            assert sg[stem + "mlp.gate_up_proj.lora_B.weight"].equal(torch.cat([gb, ub]))
+        if case == "moe":  # SGLang's per-expert load takes rows [0:r] (gate) and [r:2r] (up) of A
+            a, b = w.experts["model.layers.0.mlp.experts"]["gate_up"]
+            sa = sg[stem + "mlp.experts.gate_up_proj.lora_A.weight"]
+            assert sa[:, :4].equal(a) and sa[:, 4:8].equal(a)
+            assert sg[stem + "mlp.experts.gate_up_proj.lora_B.weight"].equal(b)
+            da, db = w.experts["model.layers.0.mlp.experts"]["down"]
+            assert sg[stem + "mlp.experts.down_proj.lora_A.weight"].equal(da)
+            assert sg[stem + "mlp.experts.down_proj.lora_B.weight"].equal(db)
