@@ -308,3 +308,26 @@ def test_sglangs_loader_reads_the_exports_and_its_contract_admits_the_bodies(bas
             da, db = w.experts["model.layers.0.mlp.experts"]["down"]
             assert sg[stem + "mlp.experts.down_proj.lora_A.weight"].equal(da)
             assert sg[stem + "mlp.experts.down_proj.lora_B.weight"].equal(db)
+
+
+def test_the_rl_jobs_rollouts_push_and_sample_through_the_sink(base):
+    """jobs/rollout_step.EngineRollouts (what `lorafleet rl` uses) on the SGLang sink: the name a
+    push returns is the adapter's own, every step's push moves the engine to the new version."""
+    from lorafleet.jobs.rollout_step import EngineRollouts
+
+    class Tok:
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        eng = make_sglang_engine({"engine": "sglang", "url": fake.url}, base_dir=str(d), max_rank=16)
+        ro = EngineRollouts(fleet, eng, {"engine": "sglang", "url": fake.url, "retries": 0, "retry_wait_s": 0.0},
+                            Tok(), log=lambda *a: None)
+        assert ro.layout == "sglang" and ro.sync(["a"]) == ["a"] and ro.sync(["a"]) == []
+        out, version = ro.generate("a", [[1, 2]], SamplingParams(max_tokens=3, seed=0), 2)
+        assert version == fleet.adapter_version("a") and out[0][0].text == " ".join(map(str, out[0][0].tokens))
+        _step(fleet)
+        assert ro.sync(["a"]) == ["a"] and list(fake.loaded) == [f"a@v{fleet.adapter_version('a')}"]
+        ro.close()
+        assert fake.loaded == {}
