@@ -275,6 +275,10 @@ def test_another_base_or_no_engine_refuses_to_start(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"does not serve this server's base 'debug:qwen3'.*nats per token") as e:
         build_service(BASE, cfg, log_fn=lambda *a: None)
     assert "\n" not in str(e.value)
+    low = ServiceConfig(data_dir=str(tmp_path / "svc2"), max_rank=8, rollout_url="http://engine.test:1",
+                        rollout_max_rank=4)
+    with pytest.raises(ValueError, match=r"--max-rank 8 is above the engine's --rollout-max-rank 4"):
+        build_service(BASE, low, log_fn=lambda *a: None)
     other.fail = OSError("[Errno 111] Connection refused")
     with pytest.raises(ValueError, match=r"rollout engine vllm at http://engine\.test:1: could not ask it .*refused"):
         build_service(BASE, cfg, log_fn=lambda *a: None)

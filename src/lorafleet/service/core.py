@@ -154,7 +154,7 @@ class Service:
                         grace_s)
         self.scheduler.stop()
         if self.rollout is not None:
-            self.rollout.close()
+            self.rollout.close(grace_s)
         if grace_s > 0:
             lost = self.store.fail_pending("the server shut down before this request finished, so it was not "
                                            "completed; send it again")
@@ -613,12 +613,12 @@ class Service:
         last_n = body.get("prompt_logprobs_last_n")
         if last_n is not None and (not isinstance(last_n, int) or not 1 <= last_n <= len(prompt) - 1):
             raise Invalid("prompt_logprobs_last_n must be between 1 and len(prompt) - 1")
-        self.budget.check_sample(n, len(prompt), max_tokens, bool(body.get("prompt_logprobs")))
         if self.rollout is not None and self.rollout.takes(s):  # the engine samples, off the scheduler thread
             self.rollout.check_door()
             rid = self._future(tenant, "sample")
             self.rollout.submit(rid, s, prompt, n, params, bool(body.get("prompt_logprobs")), last_n)
             return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{j}" for j in range(n)]}
+        self.budget.check_sample(n, len(prompt), max_tokens, bool(body.get("prompt_logprobs")))
         rid = self._future(tenant, "sample")
         self.scheduler.submit(Op(rid, tenant, "sample", sample={
             "adapter": adapter, "prompt": prompt, "num_samples": n, "params": params,

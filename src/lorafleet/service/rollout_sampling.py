@@ -115,6 +115,8 @@ class EngineSampling:
         self._adapters: dict[str, _Pushed] = {}  # sampler adapter_key -> its adapter in the engine
         self._failed: tuple[int, str, float] | None = None  # (status, message, when) of the last failure
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafleet-rollout")
+        self._running = 0  # engine jobs started and not finished (close waits for them)
+        self._idle = threading.Condition(self._lock)
         self.stats = {"pushes": 0, "samples": 0, "unloads": 0, "failures": 0}
 
     # ------------------------------------------------------------------ start
@@ -170,9 +172,15 @@ class EngineSampling:
     # ------------------------------------------------------------------ pushes
     def stage(self, sampler, fleet, adapter: str) -> None:
         """Called on the scheduler thread as the sampler's weights are saved: take the adapter's
-        snapshot now (the weights the client asked for) and push it off that thread."""
-        snap = fleet.snapshot(adapter, layout=self.layout)
+        snapshot now (the weights the client asked for) and push it off that thread. Without a
+        snapshot the first sample pushes the saved directory instead (the same weights)."""
         p = _Pushed(engine_name(sampler.adapter_key), source_dir=sampler.source[1])
+        try:
+            snap = fleet.snapshot(adapter, layout=self.layout)
+        except Exception as e:  # noqa: BLE001  (never fail the save itself: its directory is written)
+            log.warning("%s: no snapshot of %s (%s); its first sample pushes the saved directory", self.where,
+                        adapter, _one_line(e))
+            return
         p.snapshot = Snapshot(name=p.name, layout=snap.layout, version=snap.version, rank=snap.rank,
                               tensors=snap.tensors, config=snap.config, meta=snap.meta)
         with self._lock:
@@ -208,7 +216,17 @@ class EngineSampling:
                prompt_logprobs: bool, last_n: int | None) -> None:
         self._pool.submit(self._sample, rid, sampler, prompt, n, params, prompt_logprobs, last_n)
 
-    def _sample(self, rid, sampler, prompt, n, params, want_plp, last_n):
+    def _sample(self, *args):
+        with self._lock:
+            self._running += 1
+        try:
+            self._sample_one(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _sample_one(self, rid, sampler, prompt, n, params, want_plp, last_n):
         p, key = None, sampler.adapter_key if sampler is not None and sampler.source is not None else None
         try:
             name = None
@@ -299,8 +317,14 @@ class EngineSampling:
             return {k: p.name for k, p in self._adapters.items()
                     if p.done.is_set() and p.error is None and not p.dropped}
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+    def close(self, grace_s: float = 0.0) -> None:
+        """Stop taking work; requests already at the engine get up to ``grace_s`` to finish (those
+        still queued here are dropped: a graceful shutdown then journals them as lost)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            while self._running and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
         try:
             self.engine.close()
         except Exception as e:  # noqa: BLE001
@@ -318,8 +342,12 @@ def start_engine_sampling(service) -> EngineSampling:
     if c.rollout_retries < 0:
         raise ValueError(f"--rollout-retries must be >= 0, got {c.rollout_retries}")
     max_rank = c.rollout_max_rank or c.max_rank
-    if max_rank < 1:
+    if max_rank < 0 or c.rollout_max_rank < 0:
         raise ValueError(f"--rollout-max-rank must be >= 1 (0: the server's --max-rank), got {c.rollout_max_rank}")
+    if max_rank < c.max_rank:
+        raise ValueError(f"--max-rank {c.max_rank} is above the engine's --rollout-max-rank {max_rank}: adapters of "
+                         f"a higher rank could not be pushed; lower --max-rank to {max_rank} or restart the engine "
+                         f"with --max-lora-rank {c.max_rank}")
     url = c.rollout_url.rstrip("/")
     engine = make_service_engine(c.rollout_engine, url, str(Path(c.data_dir) / "rollout_adapters"), max_rank)
     sampling = EngineSampling(service, engine, c.rollout_engine, url, retries=c.rollout_retries)
