@@ -251,3 +251,22 @@ def test_refusals_name_the_problem(tmp_path):
     q2.add_adapter("e", VOCAB_CFG)
     with pytest.raises(ValueError, match="vllm.*model.embed_tokens.*qwen2"):
         q2.save_adapter("e", tmp_path / "q2", format="vllm")
+
+
+def test_head_lora_dropout_in_the_chunked_loss():
+    """lora_dropout on the head LoRA (PEFT: lora_B(lora_A(dropout(h)))) acts in forward_backward's
+    training forward only, with masks from the adapter's seed: reproducible, absent in forward_only."""
+    cfg = lf.AdapterConfig(rank=4, alpha=8, target_modules=["lm_head"], lora_dropout=0.5, seed=2)
+    losses = []
+    for _ in range(2):
+        fleet = lf.Fleet(base(), max_adapters=2, max_rank=8)
+        fleet.add_adapter("d", cfg)
+        randomize(fleet, "d", 3, std=1.0)
+        batch = examples("d", 60)
+        plain = fleet.forward_backward(batch, forward_only=True).metrics["d"]["loss:sum"]
+        dropped = fleet.forward_backward(batch).metrics["d"]["loss:sum"]
+        grads = fleet_grads(fleet, "d")
+        assert all(torch.isfinite(g).all() for g in grads.values()) and grads["lm_head.A"].abs().sum() > 0
+        losses.append((plain, dropped))
+    assert losses[0] == losses[1]  # same seed, same masks
+    assert abs(losses[0][0] - losses[0][1]) > 1e-3 * abs(losses[0][0])

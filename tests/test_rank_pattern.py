@@ -106,8 +106,15 @@ def test_checkpoint_keeps_patterns_and_engine_layouts_refuse_mixed_scales(tmp_pa
     ids = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         assert torch.equal(other.forward(ids, adapters=["x"]).logits, fleet.forward(ids, adapters=["x"]).logits)
-    with pytest.raises(ValueError, match="vllm.*different LoRA scales"):
-        fleet.save_adapter("x", tmp_path / "v", format="vllm")
+    # vLLM's layout has one alpha: the other module scales are folded into B (serving is exact)
+    fleet.save_adapter("x", tmp_path / "v", format="vllm")
+    cfg = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (8, 16, {}, {})
+    served = lf.Fleet(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    served.load_adapter("v", tmp_path / "v")
+    with torch.no_grad():
+        assert rel(served.forward(ids, adapters=["v"]).logits, fleet.forward(ids, adapters=["x"]).logits) <= TOL
+    assert fleet.get_adapter_weights("x").config == CFG  # the fleet's adapter is untouched
     with pytest.raises(ValueError, match="rank_pattern rank 16 is above this fleet's max_rank 8"):
         other.add_adapter("big", CFG.with_(rank_pattern={"q_proj": 16}))
     with pytest.raises(ValueError, match="rank_pattern.*positive integer"):

@@ -22,6 +22,7 @@ whose A/B roles are swapped for HF-v5 weights) and refuses what it cannot repres
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -89,6 +90,8 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     archs = _check_weights(weights)
     interleaved = {p: archs[p].interleaved_gate_up for p in archs}
     _check_vocab_export(weights, format)
+    if format != "peft":
+        weights = _fold_scales(weights, format)
     if format == "sglang":
         bad = [p for p, il in interleaved.items() if il]
         if bad:
@@ -144,11 +147,7 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     if format == "peft":
         scales = {k: cfg.module_scale(k) for k in used}
         r_file, alpha, rank_pattern, alpha_pattern = _rank_patterns(used, scales, r, cfg.alpha, cfg.use_rslora)
-    else:  # one rank and one scale in the engines' layouts
-        if len({cfg.module_scale(k) for k in _module_keys(weights)}) > 1:
-            raise AdapterFormatError(
-                f"format {format!r}: the adapter's modules have different LoRA scales (rank_pattern / alpha_pattern); "
-                "this layout carries one rank and one alpha, export with format 'peft'")
+    else:  # one rank and one scale in the engines' layouts (other module scales folded into B above)
         alpha = cfg.alpha if r == cfg.rank else cfg.scale * (math.sqrt(r) if cfg.use_rslora else r)
         r_file, rank_pattern, alpha_pattern = r, {}, {}
     adapter_config = {
@@ -220,10 +219,33 @@ def _used_ranks(weights: AdapterWeights) -> dict[str, int]:
     return out
 
 
-def _module_keys(weights: AdapterWeights) -> list[str]:
-    """PEFT module keys of every factor pair (dense / embedding path, ``<experts path>.<param>``)."""
-    keys = list(weights.dense) + list(weights.embeddings)
-    return keys + [f"{p}.{PARAM_OF_PROJ[proj]}" for p, projs in weights.experts.items() for proj in projs]
+def _fold_scales(weights: AdapterWeights, format: str) -> AdapterWeights:  # noqa: A002
+    """For the one-alpha engine layouts (vLLM / SGLang serve, they do not train): a module whose
+    scale differs from the adapter's has ``scale_m / scale`` multiplied into a copy of its B, which
+    serves the same outputs. ``weights`` itself is not changed."""
+    cfg = weights.config
+    s0 = cfg.scale
+
+    def fold(key, b):
+        sm = cfg.module_scale(key)
+        if sm == s0:
+            return b
+        if s0 == 0:
+            raise AdapterFormatError(f"format {format!r}: module {key} has LoRA scale {sm:g} but the adapter's is 0 "
+                                     "(lora_alpha 0): this one-alpha layout cannot express it; export with format "
+                                     "'peft'")
+        return (b.double() * (sm / s0)).to(b.dtype)
+
+    out = copy.copy(weights)
+    out.dense = {p: (a, fold(p, b)) for p, (a, b) in weights.dense.items()}
+    out.embeddings = {p: (a, fold(p, b)) for p, (a, b) in weights.embeddings.items()}
+    out.experts = {p: {pr: (a, fold(f"{p}.{PARAM_OF_PROJ[pr]}", b)) for pr, (a, b) in projs.items()}
+                   for p, projs in weights.experts.items()}
+    bad = next((k for k, t in out.tensors() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise AdapterFormatError(f"format {format!r}: folding the per-module LoRA scale of {bad} into lora_B "
+                                 "overflows; export with format 'peft'")
+    return out
 
 
 def _rank_patterns(used: dict[str, int], scales: dict[str, float], r: int, alpha: float, rslora: bool):
