@@ -270,3 +270,21 @@ def test_head_lora_dropout_in_the_chunked_loss():
         losses.append((plain, dropped))
     assert losses[0] == losses[1]  # same seed, same masks
     assert abs(losses[0][0] - losses[0][1]) > 1e-3 * abs(losses[0][0])
+
+
+def test_bf16_chunked_head_lora_matches_the_full_model_forward():
+    """The chunked loss's head LoRA (training path) and the wrapped head module (Fleet.forward,
+    sampling) agree in a bf16 fleet (rel. 1e-2)."""
+    fleet = lf.Fleet(build_debug_model("qwen3", seed=0, dtype=torch.bfloat16), max_adapters=2, max_rank=8)
+    assert fleet.vocab_names == ["embed_tokens", "lm_head"]
+    fleet.add_adapter("e", VOCAB_CFG)
+    randomize(fleet, "e", 1)
+    ex = examples("e", 70, n=1)[0]
+    chunked = fleet.forward_backward([lf.Example("e", ex.input_tokens, ex.target_tokens)], forward_only=True)
+    with torch.no_grad():
+        logits = fleet.forward(torch.tensor([ex.input_tokens]), adapters=["e"]).logits[0].float()
+    full = logits.log_softmax(-1).gather(1, torch.tensor(ex.target_tokens)[:, None]).squeeze(1)
+    assert rel(torch.tensor(chunked.logprobs[0]), full) <= 1e-2
+    with torch.no_grad():
+        base_logits = fleet.forward(torch.tensor([ex.input_tokens])).logits[0].float()
+    assert rel(base_logits.log_softmax(-1).gather(1, torch.tensor(ex.target_tokens)[:, None]).squeeze(1), full) > 0.05

@@ -73,8 +73,15 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin):
 
     @property
     def linear_names(self) -> list[str]:
-        """Short names of the linears an adapter can target (``target_modules`` values)."""
+        """Short names of the decoder linears an adapter can target (``target_modules`` values;
+        what ``"all-linear"`` means). `vocab_names` are targets too, named explicitly."""
         return sorted(self._att.linear_names)
+
+    @property
+    def vocab_names(self) -> list[str]:
+        """``"embed_tokens"`` / ``"lm_head"`` where the model has them (PEFT's target names for
+        the input embedding and the LM head; their banks are allocated on first use)."""
+        return sorted(self._att.vocab_paths)
 
     @property
     def backbone(self) -> torch.nn.Module:
