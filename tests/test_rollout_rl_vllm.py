@@ -65,5 +65,6 @@ def test_rl_through_vllm_pushes_every_step_and_rewards_rise(tmp_path, vllm_serve
     gaps = [r["kl_sample_train"] for r in recs if "kl_sample_train" in r]
     assert len(gaps) >= STEPS - 2 and max(abs(g) for g in gaps) < 1e-3, gaps
     rewards = [r["reward"] for r in recs]
+    print("rewards", [round(r, 3) for r in rewards], "kl_sample_train max", max(abs(g) for g in gaps))
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.2, rewards
