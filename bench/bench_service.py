@@ -17,11 +17,20 @@ round-robin so both see the same machine load:
 Printed: requests/s and tokens/s (training: input tokens; sampling: generated tokens) and the
 batched / one-per-step ratio. The clients share the machine's cores with the server, so
 absolute figures include their cost; the ratio is what batching buys.
+
+**Fairness** (``--part fairness``; issue 14, finding 1): ``--small-tenants`` tenants each send
+``--small-requests`` 1 × 2-token samples one after another, and their latency's p50 / p99 is
+printed, side by side in one run, for: the small tenants alone; the same while one tenant floods
+(``--flood-inflight`` samples of ``--flood-samples`` × ``--flood-tokens`` tokens, ``stop=[]``,
+always that many in flight); and that flood against ``lorafleet serve --decode-chunk-tokens 0``
+(each sample decodes to its end at once: the old behaviour). The flood's own generated tokens/s
+shows what the chunking costs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -46,6 +55,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server")
+    ap.add_argument("--part", choices=("all", "batching", "fairness"), default="all")
+    ap.add_argument("--small-tenants", type=int, default=3)
+    ap.add_argument("--small-requests", type=int, default=12, help="1 x 2-token samples per small tenant")
+    ap.add_argument("--flood-samples", type=int, default=32, help="num_samples of each flooding request")
+    ap.add_argument("--flood-tokens", type=int, default=1024, help="max_tokens of each flooding request")
+    ap.add_argument("--flood-inflight", type=int, default=2, help="flooding requests kept in flight")
     return ap.parse_args(argv)
 
 
@@ -101,12 +116,12 @@ def run_tenants(url, keys, base, args, mode, warmup=False):
     return sum(c[0] for c in counts), sum(c[1] for c in counts), dt
 
 
-def start_server(port: int, keys: dict, slots: int, args, batched: bool) -> subprocess.Popen:
+def start_server(port: int, keys: dict, slots: int, args, batched: bool, extra=()) -> subprocess.Popen:
     env = dict(os.environ, LORAFLEET_API_KEYS=",".join(f"{t}:{k}" for k, t in keys.items()))
     cmd = [sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(port), "--data-dir",
            tempfile.mkdtemp(prefix="lf-bench-"), "--max-adapters", str(slots), "--max-rank", "8",
            "--base", "debug:qwen3_moe",  # the random-init base the docs/service.md table was measured on
-           "--threads", str(args.threads)] + ([] if batched else ["--one-tenant-per-step"])
+           "--threads", str(args.threads)] + ([] if batched else ["--one-tenant-per-step"]) + list(extra)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while True:
@@ -130,16 +145,29 @@ def main(argv=None):
     from lorafleet.service.server import free_port
 
     tenants = [int(x) for x in args.tenants.split(",")]
-    keys = {f"tml-bench-{i:02d}": f"t{i}" for i in range(max(tenants))}
-    servers, urls = [], {}
+    n_keys = max(max(tenants), args.small_tenants + 1)
+    keys = {f"tml-bench-{i:02d}": f"t{i}" for i in range(n_keys)}
+    servers = []
     try:
-        for batched in (True, False):
-            port = free_port()
-            servers.append(start_server(port, keys, 2 * max(tenants) + 1, args, batched))
-            urls[batched] = f"http://127.0.0.1:{port}"
-        base = tinker.ServiceClient(base_url=urls[True], api_key=next(iter(keys))) \
-            .get_server_capabilities().supported_models[0].model_name
-        measure(args, tenants, keys, urls, base)
+        if args.part in ("all", "batching"):
+            urls = {}
+            for batched in (True, False):
+                port = free_port()
+                servers.append(start_server(port, keys, 2 * max(tenants) + 1, args, batched))
+                urls[batched] = f"http://127.0.0.1:{port}"
+            base = tinker.ServiceClient(base_url=urls[True], api_key=next(iter(keys))) \
+                .get_server_capabilities().supported_models[0].model_name
+            measure(args, tenants, keys, urls, base)
+            for p in servers:
+                p.kill()
+            servers = []
+        if args.part in ("all", "fairness"):
+            urls = {}
+            for chunk in (32, 0):
+                port = free_port()
+                servers.append(start_server(port, keys, 4, args, True, ["--decode-chunk-tokens", str(chunk)]))
+                urls[chunk] = f"http://127.0.0.1:{port}"
+            measure_fairness(args, list(keys), urls)
     finally:
         for p in servers:
             p.kill()
@@ -170,6 +198,89 @@ def measure(args, tenants, keys, urls, base):
     print("-" * len(hdr))
     for mode, n, (rq, tk), (rq1, tk1) in rows:
         print(f"{mode:<9} {n:>7} | {rq:>13.2f} {tk:>8.0f} | {rq1:>16.2f} {tk1:>8.0f} | {tk / tk1:>19.2f}x")
+    print(f"loadavg at end {os.getloadavg()[0]:.2f}")
+
+
+# ---------------------------------------------------------------------------- fairness
+def _sample_once(http, url, key, n, max_tokens) -> tuple[float, int]:
+    """One base-model sample over raw HTTP (asample, then long polls): (seconds, tokens)."""
+    t0 = time.perf_counter()
+    r = http.post(f"{url}/api/v1/asample", headers={"X-API-Key": key}, json={
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [3, 7, 9, 11, 13, 17, 19, 23]}]},
+        "num_samples": n, "sampling_params": {"max_tokens": max_tokens, "stop": [], "temperature": 1.0}})
+    r.raise_for_status()
+    rid = r.json()["request_id"]
+    while True:
+        r = http.post(f"{url}/api/v1/retrieve_future", headers={"X-API-Key": key}, json={"request_id": rid})
+        r.raise_for_status()
+        if "protobuf" in r.headers.get("content-type", ""):
+            return time.perf_counter() - t0, n * max_tokens  # stop=[]: every sample runs max_tokens
+        body = r.json()
+        if body.get("type") != "try_again":
+            raise RuntimeError(f"sample failed: {body}")
+
+
+def fairness_run(url, keys, args, flood: bool) -> tuple[list[float], float]:
+    """Small tenants' latencies (s) while one tenant floods, or not; and the flood's generated
+    tokens/s over its whole run (it ends with the small tenants' last request and its own in flight)."""
+    small_keys, flood_key = keys[1:1 + args.small_tenants], keys[0]
+    stop, lat, flood_tokens = threading.Event(), [], [0]
+    lock = threading.Lock()
+
+    def flooder():
+        with httpx.Client(timeout=3600) as http:
+            while not stop.is_set():
+                _, n = _sample_once(http, url, flood_key, args.flood_samples, args.flood_tokens)
+                with lock:
+                    flood_tokens[0] += n
+
+    def small(key):
+        with httpx.Client(timeout=3600) as http:
+            for _ in range(args.small_requests):
+                dt, _ = _sample_once(http, url, key, 1, 2)
+                with lock:
+                    lat.append(dt)
+
+    floods = [threading.Thread(target=flooder) for _ in range(args.flood_inflight if flood else 0)]
+    t_flood = time.perf_counter()
+    for t in floods:
+        t.start()
+    if flood:
+        time.sleep(1.0)  # the flood is decoding before the first small request
+    smalls = [threading.Thread(target=small, args=(k,)) for k in small_keys]
+    for t in smalls:
+        t.start()
+    for t in smalls:
+        t.join()
+    stop.set()
+    for t in floods:  # their last requests finish before the next configuration runs on the same cores
+        t.join()
+    return lat, flood_tokens[0] / (time.perf_counter() - t_flood)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def measure_fairness(args, keys, urls):
+    print(f"\nfairness: {args.small_tenants} small tenant(s) x {args.small_requests} sequential 1 x 2-token "
+          f"samples; flood: 1 tenant keeps {args.flood_inflight} x ({args.flood_samples} x {args.flood_tokens} "
+          f"tokens, stop=[]) in flight; loadavg {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
+    with httpx.Client(timeout=600) as http:  # warm-up, untimed
+        for url in urls.values():
+            _sample_once(http, url, keys[1], 1, 2)
+    cols = [("alone", urls[32], False), ("flood, chunk 32", urls[32], True), ("flood, chunk 0 (old)", urls[0], True)]
+    res = {}
+    for name, url, flood in cols:
+        res[name] = fairness_run(url, keys, args, flood)
+        print(f"  done: {name}", file=sys.stderr)
+    print()
+    print(f"{'small tenants':<22}" + "".join(f" | {n:>20}" for n, _, _ in cols))
+    print("-" * (22 + 23 * len(cols)))
+    for label, q in (("latency p50 (s)", 0.5), ("latency p99 (s)", 0.99)):
+        print(f"{label:<22}" + "".join(f" | {_pct(res[n][0], q):>20.3f}" for n, _, _ in cols))
+    print(f"{'flood tok/s':<22}" + "".join(f" | {res[n][1]:>20.0f}" if f else f" | {'-':>20}" for n, _, f in cols))
     print(f"loadavg at end {os.getloadavg()[0]:.2f}")
 
 

@@ -101,6 +101,10 @@ class RunningDecode:
     def tenants(self) -> set[str]:
         return {op.tenant for op in self.ops}
 
+    def tokens_left(self) -> int:
+        """At most this many tokens are still to decode (rows may stop early)."""
+        return len(self.state.live_rows()) * max(0, self.state.params.max_tokens - self.state.steps)
+
     def step_shares(self) -> dict[str, float]:
         """Each tenant's price of one more decode step: its live rows and its part of the fixed cost."""
         live = self.state.live_rows()

@@ -230,7 +230,10 @@ class SampleRunning:
         finished decodes answer their requests and leave."""
         if not self._decodes:
             return
-        for d, steps in plan_pieces(list(self._decodes), self._drr, self.decode_chunk_tokens):
+        pieces = plan_pieces(list(self._decodes), self._drr, self.decode_chunk_tokens)
+        # the least work left first: a small request started this cycle answers before the big pieces run
+        pieces.sort(key=lambda p: p[0].tokens_left())
+        for d, steps in pieces:
             if self._stop:
                 break  # shutting down: the rest stays unfinished (journaled lost: 410, retryable)
             try:
