@@ -1,6 +1,6 @@
-"""An engine without a sink (SGLang, until it is built) is refused at the job's start with one
-line — never a traceback, never a silent fall-back to the built-in sampler. (vLLM's sinks:
-tests/test_rollout_vllm.py.)"""
+"""An engine lorafleet has no sink for is refused by name, and an engine that cannot be reached
+stops `lorafleet rl` at its start with one line — never a traceback, never a silent fall-back to
+the built-in sampler. (The sinks themselves: tests/test_rollout_vllm*.py, test_rollout_sglang.py.)"""
 
 import subprocess
 import sys
@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.rollout import BUILT, ENGINES, RolloutUnavailable, make_engine
+from lorafleet.rollout import ENGINES, RolloutUnavailable, make_engine
+from lorafleet.rollout.vllm_local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e not in BUILT])
-def test_every_engine_is_refused_by_name(engine):
-    with pytest.raises(RolloutUnavailable, match=f"rollout engine '{engine}' is not available"):
-        make_engine({"engine": engine, "url": "http://127.0.0.1:9"}, base_dir="/nonexistent", max_rank=8)
+def test_an_engine_without_a_sink_is_refused_by_name():
+    assert set(ENGINES) == {"vllm", "vllm-local", "sglang"}
+    with pytest.raises(RolloutUnavailable, match="rollout engine 'tgi' is not available"):
+        make_engine({"engine": "tgi", "url": "http://127.0.0.1:9"}, base_dir="/nonexistent", max_rank=8)
 
 
 def test_the_cli_says_one_line_and_writes_no_adapter(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = (ROOT / "examples" / "rl_vllm.yaml").read_text().replace("max_steps: 40", "max_steps: 2")
-    cfg = cfg.replace("engine: vllm-local", "engine: sglang, url: http://127.0.0.1:9")
+    cfg = cfg.replace("engine: vllm-local, max_loras: 2", f"engine: vllm, url: {url}")
     (tmp_path / "data").symlink_to(ROOT / "examples" / "data")
     (tmp_path / "rewards.py").symlink_to(ROOT / "examples" / "rewards.py")
     (tmp_path / "rl.yaml").write_text(cfg.replace("pretrain_steps: 400", "pretrain_steps: 0"))
@@ -32,5 +34,6 @@ def test_the_cli_says_one_line_and_writes_no_adapter(tmp_path):
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
     err = [ln for ln in p.stderr.splitlines() if "error" in ln]
-    assert len(err) == 1 and "rollout engine 'sglang' is not available" in err[0], p.stderr
+    assert len(err) == 1 and f"rollout engine vllm: could not start: vllm at {url}: GET /v1/models: unreachable" \
+        in err[0], p.stderr
     assert not list((tmp_path / "run").glob("shout/**/adapter_model.safetensors"))

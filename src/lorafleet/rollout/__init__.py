@@ -6,7 +6,7 @@ from .base import RolloutEngine, RolloutError
 __all__ = ["ENGINES", "RolloutEngine", "RolloutError", "RolloutUnavailable", "make_engine"]
 
 ENGINES = ("vllm", "vllm-local", "sglang")
-BUILT = ("vllm", "vllm-local")  # engines with a sink in this version
+BUILT = ("vllm", "vllm-local", "sglang")  # engines with a sink in this version
 # each engine's own options (besides ``engine``), as make_engine accepts them
 OPTIONS = {
     "vllm": ("url", "max_lora_rank", "adapter_dir", "timeout_s"),
@@ -22,11 +22,15 @@ class RolloutUnavailable(ValueError):
 def make_engine(spec: dict, *, base_dir: str, max_rank: int) -> RolloutEngine:
     """The engine a ``rollout:`` spec names: ``vllm`` (a running server at ``url``) or
     ``vllm-local`` (a server started here on ``base_dir``, with ``--max-lora-rank`` =
-    ``max_lora_rank`` or the trainer's ``max_rank``). Bad options are ValueErrors naming the
-    option; an engine that cannot be reached or started is a RolloutError. SGLang is refused by
-    name — never a silent fall-back to the built-in sampler, which would train on a different
-    behaviour policy than the user asked for."""
+    ``max_lora_rank`` or the trainer's ``max_rank``) or ``sglang`` (`sglang.make_sglang_engine`).
+    Bad options are ValueErrors naming the option; an engine that cannot be reached or started is
+    a RolloutError. Any other name is refused by name — never a silent fall-back to the built-in
+    sampler, which would train on a different behaviour policy than the user asked for."""
     name = spec.get("engine")
+    if name == "sglang":
+        from .sglang import make_sglang_engine
+
+        return make_sglang_engine(spec, base_dir=base_dir, max_rank=max_rank)
     if name not in BUILT:
         raise RolloutUnavailable(
             f"rollout engine {name!r} is not available in this version of lorafleet"
