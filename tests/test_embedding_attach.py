@@ -88,6 +88,8 @@ def test_lazy_banks_init_and_views():
         assert torch.equal(fleet.forward(ids, adapters=["e", "e"]).logits, fleet.forward(ids).logits)
     fleet.remove_adapter("e")
     assert head.lora_A[slot].abs().sum() == 0 and emb.lora_embedding_B[slot].abs().sum() == 0
+    fleet.detach()  # the original modules come back
+    assert type(fleet.model.lm_head) is torch.nn.Linear and type(fleet.model.model.embed_tokens) is torch.nn.Embedding
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
