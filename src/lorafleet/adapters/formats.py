@@ -349,12 +349,12 @@ def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None
     """Read an adapter directory in any of the three layouts into :class:`AdapterWeights`.
 
     ``experts_arch[path]`` (E / H / I and the gate/up row order per experts module) is required
-    for the PEFT ``target_parameters`` and SGLang layouts. The adapter gets one rank and one scale,
-    every update unchanged: modules of a lower rank (PEFT ``rank_pattern``, or all but an unfused
+    for the PEFT ``target_parameters`` and SGLang layouts. The adapter gets one slot rank, every
+    update unchanged: modules of a lower rank (PEFT ``rank_pattern``, or all but an unfused
     gate/up pair that becomes its exact fused form of rank 2r) are zero-padded to the largest and
-    alpha set so ``config.scale`` is unchanged (``config.rank`` says so; the caller checks it
-    against its max rank); a module whose PEFT scale (``alpha_pattern``) differs has the ratio
-    folded into its B, with a warning (outputs exact, continued training not).
+    alpha set so ``config.scale`` is the most common module scale (``config.rank`` says so; the
+    caller checks it against its max rank); a module whose PEFT scale differs keeps it as an
+    ``config.alpha_pattern`` entry (its escaped full key), exact for outputs and training.
 
     ``linear_shapes`` (path -> (in, out) of every base linear that can carry LoRA, as a fleet
     passes it): modules of the targeted names that the file leaves out (``layers_to_transform``,
