@@ -183,8 +183,8 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
 def _check_vocab_export(weights: AdapterWeights, format: str) -> None:  # noqa: A002
     """vLLM / SGLang layouts of LoRA on the LM head / input embedding: refused where the engine
     does not load it (it would serve the adapter without those deltas)."""
-    vocab = [p for p in list(weights.embeddings) + list(weights.dense) if p in weights.embeddings
-             or p.rsplit(".", 1)[-1] == "lm_head"]
+    # the LM head: the dense module outside the decoder layers
+    vocab = list(weights.embeddings) + [p for p in weights.dense if not p.startswith(weights.layers_path + ".")]
     if not vocab or format == "peft":
         return
     if format == "vllm" and weights.model_type not in VLLM_VOCAB_LORA_TYPES:

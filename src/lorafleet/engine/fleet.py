@@ -78,8 +78,8 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin, WeightsIOMi
 
     @property
     def vocab_names(self) -> list[str]:
-        """``"embed_tokens"`` / ``"lm_head"`` where the model has them (PEFT's target names for
-        the input embedding and the LM head; their banks are allocated on first use)."""
+        """Target names of the input embedding and the LM head (their modules' own names, PEFT's
+        ``"embed_tokens"`` / ``"lm_head"`` on most models); their banks are allocated on first use."""
         return sorted(self._att.vocab_paths)
 
     @property
@@ -126,13 +126,13 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin, WeightsIOMi
         heads = set(vocab.values())
         paths = [p for p, m in self._att.linears.items()
                  if p not in heads and m.short_name in wanted and self._in_layers(p, config)]
-        return paths + [vocab[n] for n in ("embed_tokens", "lm_head") if n in wanted and n in vocab
-                        and self._in_layers(vocab[n], config)]
+        return paths + [p for p in (self._att.embedding_path, self._att.head_path)
+                        if p is not None and p.rsplit(".", 1)[-1] in wanted and self._in_layers(p, config)]
 
     def vocab_targets(self, config: AdapterConfig) -> list[str]:
-        """The short names among "embed_tokens" / "lm_head" that ``config`` names."""
+        """The input embedding / LM head names (`vocab_names`) that ``config`` targets."""
         tm = config.target_modules
-        return [] if isinstance(tm, str) else [n for n in ("embed_tokens", "lm_head") if n in tm]
+        return [] if isinstance(tm, str) else [n for n in sorted(self._att.vocab_paths) if n in tm]
 
     def expert_paths(self, config: AdapterConfig) -> list[str]:
         if not (config.experts and self.expert_lora):
@@ -343,7 +343,7 @@ class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin, WeightsIOMi
         ``lm_head`` (``row_slots[i]`` / ``lens[i]``: row i's slot and its tokens in the flattened
         hidden states). Dropout follows the plan of the latest `run_routed` forward (the one
         whose hidden states these are), drawn for the head's path. None: no head LoRA here."""
-        path = self._att.vocab_paths.get("lm_head")
+        path = self._att.head_path
         m = self._att.linears.get(path) if path else None
         if m is None:
             return None

@@ -59,7 +59,8 @@ class WeightsIOMixin:
         config = w.config
         paths = set(self.target_paths(config))
         vocab = vocab_modules(self.model)
-        emb_paths = {vocab[n][0] for n in self.vocab_targets(config) if n == "embed_tokens" and n in vocab}
+        emb = self._att.embedding_path
+        emb_paths = {emb} if emb is not None and emb in paths else set()
         got = set(w.dense) | set(w.embeddings)
         if got != paths or set(w.embeddings) != emb_paths:
             missing, extra = sorted(paths - got), sorted(got - paths)

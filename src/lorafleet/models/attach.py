@@ -29,8 +29,11 @@ class Attachment:
     experts: dict[str, MultiLoRAExperts] = field(default_factory=dict)
     # input embeddings with LoRA (attached on demand); the LM head, once attached, is in `linears`
     embeddings: dict[str, MultiLoRAEmbedding] = field(default_factory=dict)
-    # short target name ("lm_head" / "embed_tokens") -> module path, attached or not
+    # the input embedding / LM head by their target name (the module's own short name: PEFT's
+    # "embed_tokens" / "lm_head" on most models) -> module path, attached or not
     vocab_paths: dict[str, str] = field(default_factory=dict)
+    embedding_path: str | None = None
+    head_path: str | None = None
     # linears of MoE blocks left alone because they are routers / gates: path -> why
     routers: dict[str, str] = field(default_factory=dict)
     # linears left out by a per-architecture exception (read through `.weight`): path -> why
@@ -83,8 +86,10 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
                 f"dense linears {list(st.linear_names)} only"
             )
         todo += [(path, e.module, "experts") for path, e in st.packed_experts.items()]
+    vocab = vocab_modules(model)
     att = Attachment(model, routers=dict(st.routers), excluded=dict(st.excluded),
-                     vocab_paths={short: path for short, (path, _) in vocab_modules(model).items()})
+                     vocab_paths={path.rsplit(".", 1)[-1]: path for path, _ in vocab.values()},
+                     embedding_path=vocab.get("embed_tokens", (None,))[0], head_path=vocab.get("lm_head", (None,))[0])
     att._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():  # the base stays frozen: only slot tensors train
         p.requires_grad_(False)
@@ -105,7 +110,8 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
 def vocab_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """``{"embed_tokens": (path, nn.Embedding), "lm_head": (path, nn.Linear)}`` for the model's
     input embedding and LM head (``get_input_embeddings`` / ``get_output_embeddings``), keyed by
-    the short name PEFT's ``target_modules`` uses; a module of another type is left out."""
+    role (the paths' own names may differ, e.g. GPT-NeoX's ``embed_in`` / ``embed_out``); a
+    module of another type is left out."""
     out = {}
     for getter, kind in (("get_input_embeddings", nn.Embedding), ("get_output_embeddings", nn.Linear)):
         try:
@@ -117,7 +123,7 @@ def vocab_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
             continue
         path = next((n for n, m in model.named_modules() if m is mod or getattr(m, "base_layer", None) is mod), None)
         if path:
-            out[path.rsplit(".", 1)[-1]] = (path, mod)
+            out["embed_tokens" if kind is nn.Embedding else "lm_head"] = (path, mod)
     return out
 
 
