@@ -74,6 +74,8 @@ class FakeSGLang:
         self.violations: list[str] = []
         self.requests: list[tuple[str, dict]] = []
         self.fail_next: list[tuple[int, dict | None]] = []  # (status, body); body None: drop the connection
+        self.hold = False  # while True, a generate waits for `release` (a request kept in flight)
+        self.release = threading.Event()
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -100,7 +102,7 @@ class FakeSGLang:
         if not isinstance(name, str) or not isinstance(path, str) or not isinstance(body.get("pinned", False), bool):
             raise BadRequest(400, {"detail": [{"msg": "lora_name and lora_path must be strings, pinned a bool"}]})
         if not self.enable_lora:
-            return _lora_error("LoRA is not enabled. Please set `--enable-lora` to True.")
+            return _lora_error("LoRA is not enabled. Please set `--enable-lora` to enable LoRA.")
         with self.lock:
             if name in self.loaded:
                 return _lora_error(f"Failed to load LoRA adapter {name} because it is already loaded")
@@ -119,7 +121,7 @@ class FakeSGLang:
             if self.in_flight.get(name):
                 self.violations.append(f"unload of {name} while {self.in_flight[name]} request(s) use it")
             if name not in self.loaded:
-                return _lora_error(f"LoRA adapter {name} is not loaded")
+                return _lora_error(f"LoRA with name {name} does not exist. Loaded LoRAs: {self.loaded.keys()}")
             del self.loaded[name]
             return {"success": True, "error_message": None, "loaded_adapters": dict.fromkeys(self.loaded, "")}
 
@@ -157,6 +159,8 @@ class FakeSGLang:
                 if n:
                     self.in_flight[n] = self.in_flight.get(n, 0) + 1
         try:
+            if self.hold:
+                self.release.wait(30)
             if self.generate_delay_s:
                 time.sleep(self.generate_delay_s)
             outs = [self._one(r, sp, sig, start, body.get("return_logprob"))

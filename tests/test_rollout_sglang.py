@@ -105,25 +105,45 @@ def test_a_push_during_an_in_flight_generate_never_unloads_its_version(base):
     """The asynchronous case: a rollout thread samples version v while the trainer pushes v+1.
     The old name stays loaded until that request is done (no unload of a name in use)."""
     d, fleet = base
-    with FakeSGLang(d, generate_delay_s=0.4) as fake:
+    with FakeSGLang(d) as fake:
         eng = _engine(fake, d)
         v = fleet.adapter_version("a")
         eng.push(fleet.snapshot("a", layout="sglang"))
+        fake.hold = True  # the rollout's request stays in flight until released
         result = {}
         t = threading.Thread(target=lambda: result.setdefault(
             "out", eng.generate("a", [[1, 2]], SamplingParams(max_tokens=3, seed=1), 2)))
         t.start()
-        time.sleep(0.15)
+        deadline = time.monotonic() + 30
+        while not fake.in_flight.get(f"a@v{v}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.in_flight.get(f"a@v{v}") == 2  # its two rows
+        fake.hold = False
         _step(fleet)
         eng.push(fleet.snapshot("a", layout="sglang"))  # while the request on a@v{v} runs
         assert set(fake.loaded) == {f"a@v{v}", f"a@v{v + 1}"}
-        fake.generate_delay_s = 0.0
         eng.generate("a", [[1, 2]], SamplingParams(max_tokens=2), 1)
         assert _bodies(fake, "/generate")[-1]["lora_path"] == f"a@v{v + 1}"
+        fake.release.set()
         t.join()
         assert len(result["out"][0]) == 2
         assert set(fake.loaded) == {f"a@v{v + 1}"}  # unloaded by the last request out
         assert fake.violations == []
+        eng.close()
+
+
+def test_an_old_version_already_gone_from_the_server_is_no_error(base):
+    """A retried unload whose first answer was lost, or a restarted server: SGLang says the name
+    does not exist; the push goes on."""
+    d, fleet = base
+    with FakeSGLang(d) as fake:
+        eng = _engine(fake, d)
+        v = fleet.adapter_version("a")
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        fake.loaded.clear()
+        _step(fleet)
+        eng.push(fleet.snapshot("a", layout="sglang"))
+        assert list(fake.loaded) == [f"a@v{v + 1}"] and eng.versions.loaded("a") == [f"a@v{v + 1}"]
         eng.close()
 
 

@@ -199,7 +199,12 @@ class SGLangEngine:
             self._post("/load_lora_adapter", body)
 
     def _unload(self, engine_name: str) -> None:
-        self._post("/unload_lora_adapter", {"lora_name": engine_name})
+        try:
+            self._post("/unload_lora_adapter", {"lora_name": engine_name})
+        except RolloutError as e:
+            # gone already (a retried unload whose first answer was lost, a restarted server)
+            if "does not exist" not in str(e):
+                raise
         shutil.rmtree(self.adapter_path(engine_name), ignore_errors=True)
 
     # ------------------------------------------------------------------ the server
