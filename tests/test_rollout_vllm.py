@@ -69,11 +69,15 @@ def test_exports_and_snapshots_give_lorafleets_greedy_tokens_and_prompt_logprobs
         names.append(f"a-{fmt}")
     names.append(engine.push(dataclasses.replace(fleet.snapshot("a", layout="peft"), name="a-snap")))
     worst = 0.0
-    for name in names:
-        assert [g[0].tokens for g in engine.generate(name, PROMPTS, GREEDY, 2)] == ours, name
-        for p, completion in zip(PROMPTS, ours, strict=True):
-            tokens = p + completion
-            worst = max(worst, _rel(engine.prompt_logprobs(name, tokens), fleet.compute_logprobs("a", tokens)))
+    try:
+        for name in names:
+            assert [g[0].tokens for g in engine.generate(name, PROMPTS, GREEDY, 2)] == ours, name
+            for p, completion in zip(PROMPTS, ours, strict=True):
+                tokens = p + completion
+                worst = max(worst, _rel(engine.prompt_logprobs(name, tokens), fleet.compute_logprobs("a", tokens)))
+    finally:  # the shared server's slots stay free for other tests
+        for name in names[:2]:
+            engine.unload(name)
     print(f"vLLM vs lorafleet prompt logprobs, fp32: worst rel error {worst:.2e}")
     assert worst <= 1e-5
 
@@ -138,3 +142,29 @@ def test_a_wrong_url_is_one_line_naming_it(vllm_server):
 def test_an_unknown_adapter_name_is_the_engines_answer(engine):
     with pytest.raises(RolloutError, match=r"HTTP 404: The model `nope` does not exist"):
         engine.generate("nope", PROMPTS[:1], GREEDY, 1)
+
+
+def test_versioned_names_keep_the_newest_k_and_unload_older_ones(vllm_server, tmp_path):
+    """max_versions 2 (for asynchronous rollouts): each push loads name@vN, the newest two stay
+    in vLLM, older ones are unloaded with their directories; the plain name samples the newest."""
+    fleet = lf.Fleet(load_base_model(vllm_server.base_dir), max_adapters=1, max_rank=8)
+    fleet.add_adapter("c", lf.AdapterConfig(rank=4, alpha=8, target_modules=TARGETS, seed=3))
+    fleet.set_optimizer("c", lf.OptimConfig(lr=5e-2))
+    eng = make_engine({"engine": "vllm", "url": vllm_server.url, "adapter_dir": str(tmp_path), "max_versions": 2,
+                       "max_loras": vllm_server.max_loras}, base_dir="", max_rank=8)
+    try:
+        names = []
+        for target in ([50, 51, 2], [60, 61, 2], [70, 71, 2]):
+            _train(fleet, "c", target, 4)
+            names.append(eng.push(fleet.snapshot("c")))
+        assert names == ["c@v4", "c@v8", "c@v12"]
+        served = {m["id"] for m in eng.http.get("/v1/models")["data"]}
+        assert {"c@v8", "c@v12"} <= served and "c@v4" not in served
+        assert sorted(eng.paths) == ["c@v12", "c@v8"] and len(list((tmp_path / "c").iterdir())) == 2
+        assert [g[0].tokens for g in eng.generate("c", PROMPTS, GREEDY, 1)] == _greedy(fleet, "c")
+        assert eng.versions.in_use("c@v12") == 0  # the request's hold was released
+    finally:
+        eng.close()
+    served = {m["id"] for m in make_engine({"engine": "vllm", "url": vllm_server.url}, base_dir="", max_rank=8
+                                           ).http.get("/v1/models")["data"]}
+    assert not {"c@v8", "c@v12"} & served  # close unloads what this engine loaded

@@ -180,5 +180,8 @@ def test_bad_options_and_a_missing_vllm_are_named(tmp_path, monkeypatch):
         make_engine({"engine": "vllm-local", "url": "http://x:1"}, base_dir=str(tmp_path), max_rank=8)
     with pytest.raises(ValueError, match="max_loras must be an integer >= 1"):
         make_engine({"engine": "vllm-local", "max_loras": 0}, base_dir=str(tmp_path / "base"), max_rank=8)
+    with pytest.raises(ValueError, match=r"max_versions=2 .* needs --max-loras >= 3, it was started with --max-loras 2"):
+        make_engine({"engine": "vllm-local", "max_versions": 2, "max_loras": 2, "python": _fake_python(tmp_path, "")},
+                    base_dir=str(tmp_path / "base"), max_rank=8)
     with pytest.raises(RolloutUnavailable, match="rollout engine 'vllm_local' is not available"):
         make_engine({"engine": "vllm_local"}, base_dir="", max_rank=8)

@@ -9,9 +9,9 @@ ENGINES = ("vllm", "vllm-local", "sglang")
 BUILT = ("vllm", "vllm-local", "sglang")  # engines with a sink in this version
 # each engine's own options (besides ``engine``), as make_engine accepts them
 OPTIONS = {
-    "vllm": ("url", "max_lora_rank", "adapter_dir", "timeout_s"),
-    "vllm-local": ("python", "max_lora_rank", "max_loras", "adapter_dir", "timeout_s", "startup_timeout_s",
-                   "dtype", "max_model_len", "enforce_eager", "extra_args", "port"),
+    "vllm": ("url", "max_lora_rank", "max_loras", "max_versions", "adapter_dir", "timeout_s"),
+    "vllm-local": ("python", "max_lora_rank", "max_loras", "max_versions", "adapter_dir", "timeout_s",
+                   "startup_timeout_s", "dtype", "max_model_len", "enforce_eager", "extra_args", "port"),
 }
 
 

@@ -13,6 +13,10 @@ Each push writes the snapshot to a NEW directory (``adapter_dir/<name>/v<version
 then loads it in place under the adapter's name: vLLM keys its prefix cache on (name, path), so
 reloading changed weights from the same path would serve stale cached blocks (vLLM warns so).
 The previous directory of that adapter is removed once the new one is loaded.
+
+``max_versions`` K > 1 (asynchronous rollouts): each push loads ``name@v<version>`` instead, the
+newest K stay loaded and older ones are unloaded once no request uses them (`versions.py`);
+the server needs ``--max-loras`` >= K+1.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..engine.snapshot import Snapshot
 from .base import RolloutError
 from .http import EngineHTTP
+from .versions import AdapterVersions, check_max_versions
 
 _INT64 = 2**63
 _NO_LORA_HINT = "the engine runs without LoRA: start vLLM with --enable-lora (and --max-lora-rank / --max-loras)"
@@ -56,7 +62,8 @@ class VLLMEngine:
     kind = "vllm"
 
     def __init__(self, url: str, *, max_lora_rank: int | None = None, adapter_dir: str | None = None,
-                 timeout_s: float = 300.0, max_parallel: int = 16):
+                 timeout_s: float = 300.0, max_versions: int = 1, max_loras: int | None = None,
+                 max_parallel: int = 16):
         if max_lora_rank is not None and (isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int)
                                           or max_lora_rank < 1):
             raise ValueError(f"max_lora_rank must be an integer >= 1 (the server's --max-lora-rank), "
@@ -70,7 +77,10 @@ class VLLMEngine:
         self._own_dir = adapter_dir is None
         self.adapter_dir = Path(adapter_dir) if adapter_dir else Path(tempfile.mkdtemp(prefix="lorafleet-vllm-"))
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
-        self.paths: dict[str, Path] = {}  # adapter -> the directory the engine loaded it from
+        check_max_versions(max_versions, in_place=True, engine_max_loras=max_loras)
+        # K=1: the plain name, replaced in place; K>1: name@vN, the newest K kept (versions.py)
+        self.versions = AdapterVersions(self._load, self.unload, max_versions=max_versions, in_place=True)
+        self.paths: dict[str, Path] = {}  # engine name -> the directory the engine loaded it from
         self.base_model = self._base_model()  # also proves the server answers
 
     def _base_model(self) -> str:
@@ -92,18 +102,30 @@ class VLLMEngine:
                                f"--max-lora-rank >= {rank} or lower the adapter's rank)")
         path = self.adapter_dir / _safe(snap.name) / f"v{snap.version}-{uuid.uuid4().hex[:8]}"
         snap.write(path)
-        body = {"lora_name": snap.name, "lora_path": str(path.resolve()), "load_inplace": True}
-        if is_3d_moe(snap):
+        try:
+            engine_name = self.versions.push(snap.name, snap.version, (path, is_3d_moe(snap)))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        if self.paths.get(engine_name) != path:  # that version was loaded already: this copy is unused
+            shutil.rmtree(path, ignore_errors=True)
+        return engine_name
+
+    def _load(self, engine_name: str, payload, replace: bool) -> None:
+        """AdapterVersions' load: the directory under ``engine_name``, in place (a new name is
+        loaded the same way); the directory it replaces is removed once the load succeeded."""
+        path, is_3d = payload
+        body = {"lora_name": engine_name, "lora_path": str(path.resolve()), "load_inplace": True}
+        if is_3d:
             body["is_3d_lora_weight"] = True
         try:
             self.http.post("/v1/load_lora_adapter", body)
         except RolloutError as e:
-            shutil.rmtree(path, ignore_errors=True)
-            raise RolloutError(f"{e} ({self._hint(str(e))})" if self._hint(str(e)) else str(e)) from None
-        old, self.paths[snap.name] = self.paths.get(snap.name), path
+            hint = self._hint(str(e))
+            raise RolloutError(f"{e} ({hint})" if hint else str(e)) from None
+        old, self.paths[engine_name] = self.paths.get(engine_name), path
         if old is not None and old != path:
             shutil.rmtree(old, ignore_errors=True)
-        return snap.name
 
     @staticmethod
     def _hint(message: str) -> str | None:
@@ -113,11 +135,20 @@ class VLLMEngine:
             return _NO_ROUTE_HINT
         return None
 
-    def unload(self, name: str) -> None:
-        self.http.post("/v1/unload_lora_adapter", {"lora_name": name})
-        path = self.paths.pop(name, None)
+    def unload(self, engine_name: str) -> None:
+        """Unload one engine name (an old ``name@vN``) and remove its directory."""
+        self.http.post("/v1/unload_lora_adapter", {"lora_name": engine_name})
+        path = self.paths.pop(engine_name, None)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+
+    def _serving(self, adapter: str | None):
+        """``with`` the engine name to send for ``adapter``: an adapter pushed here is counted in
+        use (its version is not unloaded meanwhile); anything else (None: the base, an engine
+        name such as ``a@v3``) is sent as it is."""
+        if adapter is not None and self.versions.current(adapter) is not None:
+            return self.versions.use(adapter)
+        return nullcontext(adapter)
 
     # ---------------------------------------------------------------------------- sampling
     def generate(self, adapter: str | None, prompts: list[list[int]], params: SamplingParams, n: int
@@ -129,12 +160,13 @@ class VLLMEngine:
         if not prompts:
             return []
         asked = 1 if params.temperature == 0 else n
-        bodies = [self._completion_body(adapter, p, params, asked, i) for i, p in enumerate(prompts)]
-        if len(bodies) == 1:
-            answers = [self.http.post("/v1/completions", bodies[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(bodies))) as pool:
-                answers = list(pool.map(lambda b: self.http.post("/v1/completions", b), bodies))
+        with self._serving(adapter) as model:
+            bodies = [self._completion_body(model, p, params, asked, i) for i, p in enumerate(prompts)]
+            if len(bodies) == 1:
+                answers = [self.http.post("/v1/completions", bodies[0])]
+            else:
+                with ThreadPoolExecutor(max_workers=min(self.max_parallel, len(bodies))) as pool:
+                    answers = list(pool.map(lambda b: self.http.post("/v1/completions", b), bodies))
         groups = [self._sequences(a, asked) for a in answers]
         if asked != n:
             groups = [[SampledSequence(list(g[0].tokens), list(g[0].logprobs), g[0].stop_reason) for _ in range(n)]
@@ -172,9 +204,10 @@ class VLLMEngine:
     def prompt_logprobs(self, adapter: str | None, tokens: list[int]) -> list[float | None]:
         if not tokens:
             return []
-        answer = self.http.post("/v1/completions", {
-            "model": adapter or self.base_model, "prompt": [list(tokens)], "max_tokens": 1, "temperature": 0,
-            "prompt_logprobs": 0})
+        with self._serving(adapter) as model:
+            answer = self.http.post("/v1/completions", {
+                "model": model or self.base_model, "prompt": [list(tokens)], "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 0})
         try:
             per_pos = answer["choices"][0]["prompt_logprobs"]
             out = [None] + [float(d[str(t)]["logprob"]) for d, t in zip(per_pos[1:], tokens[1:], strict=True)]
@@ -184,6 +217,10 @@ class VLLMEngine:
         return out
 
     def close(self) -> None:
+        try:
+            self.versions.retire_all()  # old name@vN versions leave the engine (K=1 keeps its name loaded)
+        except Exception:  # noqa: BLE001 - an engine already gone has nothing left to unload
+            pass
         if self._own_dir:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .base import RolloutError
 from .http import EngineHTTP
+from .versions import check_max_versions
 from .vllm import VLLMEngine
 
 REPO_VLLM_PYTHON = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
@@ -153,10 +154,11 @@ class VLLMLocalEngine(VLLMEngine):
 
     kind = "vllm-local"
 
-    def __init__(self, server: VLLMServer, *, adapter_dir: str | None = None, timeout_s: float = 300.0):
+    def __init__(self, server: VLLMServer, *, adapter_dir: str | None = None, timeout_s: float = 300.0,
+                 max_versions: int = 1):
         self.server = server
         super().__init__(server.url, max_lora_rank=server.max_lora_rank, adapter_dir=adapter_dir,
-                         timeout_s=timeout_s)
+                         timeout_s=timeout_s, max_versions=max_versions, max_loras=server.max_loras)
 
     def close(self) -> None:
         try:
@@ -166,14 +168,18 @@ class VLLMLocalEngine(VLLMEngine):
 
 
 def start_local_engine(base_dir, *, max_lora_rank: int, startup_timeout_s: float = 300.0,
-                       adapter_dir: str | None = None, timeout_s: float = 300.0, **server_options) -> VLLMLocalEngine:
-    """Start vLLM on ``base_dir`` and wait for it; the server is stopped if anything fails."""
+                       adapter_dir: str | None = None, timeout_s: float = 300.0, max_versions: int = 1,
+                       **server_options) -> VLLMLocalEngine:
+    """Start vLLM on ``base_dir`` and wait for it; the server is stopped if anything fails.
+    Options are checked before anything starts."""
     if isinstance(startup_timeout_s, bool) or not isinstance(startup_timeout_s, (int, float)) or startup_timeout_s <= 0:
         raise ValueError(f"startup_timeout_s must be a number > 0, got {startup_timeout_s!r}")
-    server = VLLMServer(base_dir, max_lora_rank=max_lora_rank, **server_options).start()
+    server = VLLMServer(base_dir, max_lora_rank=max_lora_rank, **server_options)  # checks, starts nothing
+    check_max_versions(max_versions, in_place=True, engine_max_loras=server.max_loras)
+    server.start()
     try:
         server.wait_ready(startup_timeout_s)
-        return VLLMLocalEngine(server, adapter_dir=adapter_dir, timeout_s=timeout_s)
+        return VLLMLocalEngine(server, adapter_dir=adapter_dir, timeout_s=timeout_s, max_versions=max_versions)
     except BaseException:
         server.stop()
         raise
