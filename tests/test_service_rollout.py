@@ -31,6 +31,7 @@ from lorafleet.types import Example
 KEY = "tml-alice-0123456789"
 T = 60
 BASE = "debug:qwen3"  # dense: what vLLM's CPU LoRA can run
+REAL_SINK = rollout_sampling.make_service_engine  # the module fixture stands a fake in for it
 
 
 class FleetEngine:
@@ -286,17 +287,15 @@ def test_another_base_or_no_engine_refuses_to_start(tmp_path, monkeypatch):
         build_service(BASE, cfg, log_fn=lambda *a: None)
 
 
-def test_serve_with_an_unreachable_engine_is_one_line(tmp_path):
-    """A real `lorafleet serve` process: a --rollout-url nothing listens on stops it at start, one line."""
+def test_an_unreachable_engine_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The real vLLM sink on a port nothing listens on: the service does not start (`lorafleet
+    serve` prints this ValueError as its one error line)."""
+    monkeypatch.setattr(rollout_sampling, "make_service_engine", REAL_SINK)
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "lorafleet.cli", "serve", "--port", str(free_port()), "--data-dir",
-                           str(tmp_path), "--base", BASE, "--max-rank", "8", "--threads", "1",
-                           "--rollout-url", f"http://127.0.0.1:{port}", "--rollout-retries", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("lorafleet serve: error: rollout engine vllm"), proc.stderr
-    assert "Traceback" not in proc.stderr
+    cfg = ServiceConfig(data_dir=str(tmp_path), max_rank=8, rollout_url=f"http://127.0.0.1:{port}", rollout_retries=0)
+    with pytest.raises(ValueError, match=rf"^rollout engine vllm at http://127\.0\.0\.1:{port}: .*refused") as e:
+        build_service(BASE, cfg, log_fn=lambda *a: None)
+    assert "\n" not in str(e.value)
 
 
 # ---- the real vLLM (the session's `vllm_server`) behind a real `lorafleet serve` process
@@ -357,9 +356,10 @@ def test_real_vllm_serves_the_sdk_sampling_with_the_built_in_greedy_tokens(tmp_p
         proc.communicate(timeout=60)
 
 
-def test_a_vllm_on_another_base_is_refused(tmp_path, vllm_server):
+def test_a_vllm_on_another_base_is_refused(tmp_path, vllm_server, monkeypatch):
     """The real vLLM serves the 112-token base; a service on debug:qwen3 (256 tokens, other
     weights) refuses it at start, naming what the engine serves (the CLI prints this one line)."""
+    monkeypatch.setattr(rollout_sampling, "make_service_engine", REAL_SINK)
     cfg = ServiceConfig(data_dir=str(tmp_path), max_rank=8, rollout_url=vllm_server.url,
                         rollout_max_rank=vllm_server.max_lora_rank)
     with pytest.raises(ValueError) as e:

@@ -190,7 +190,9 @@ class EngineSampling:
     def _entry(self, key: str, source_dir: str) -> _Pushed:
         with self._lock:
             p = self._adapters.get(key)
-            if p is None or p.dropped or (p.done.is_set() and p.error is not None):
+            if p is not None and p.dropped:  # its session closed; its name is being unloaded
+                raise RuntimeError("the sampler's session is closed: create a new sampling client")
+            if p is None or (p.done.is_set() and p.error is not None):
                 p = self._adapters[key] = _Pushed(engine_name(key), source_dir=source_dir)
                 start = True
             else:
