@@ -192,6 +192,20 @@ def test_engine_errors_are_one_line_naming_the_answer(base, tmp_path):
         SGLangEngine(gone, base_dir=str(d), max_rank=16, request_retries=1, retry_wait_s=0.01)
 
 
+def test_what_sglangs_loader_refuses_is_said_before_the_push(base):
+    d, _ = base
+    q_only, _ = _trained("qwen3", ["q_proj"])
+    shared, _ = _trained("qwen3_moe", ["q_proj", "v_proj"], experts=True, expert_sharing="shared_outer")
+    with FakeSGLang(d) as fake:
+        eng = _engine(fake, d)
+        with pytest.raises(RolloutError, match=r"adapter 'a': it targets q_proj without v_proj, .*add v_proj"):
+            eng.push(q_only.snapshot("a", layout="sglang"))
+        with pytest.raises(RolloutError, match=r"adapter 'a': expert_sharing shared_outer: .* use expert_sharing none"):
+            eng.push(shared.snapshot("a", layout="sglang"))
+        assert _bodies(fake, "/load_lora_adapter") == []
+        eng.close()
+
+
 def test_transient_failures_are_retried_a_bounded_number_of_times(base):
     d, fleet = base
     with FakeSGLang(d) as fake:

@@ -121,6 +121,9 @@ class SGLangEngine:
         if isinstance(limit, int) and snap.rank > limit:
             raise RolloutError(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above the server's "
                                f"--max-lora-rank {limit}")
+        refused = sglang_cannot_load(snap)
+        if refused:
+            raise RolloutError(f"{self.where}: adapter {snap.name!r}: {refused}")
         self.versions.push(snap.name, snap.version, snap)
         return snap.name
 
@@ -268,6 +271,22 @@ class _NoAdapter:
 
     def __exit__(self, *exc):
         return False
+
+
+def sglang_cannot_load(snap: Snapshot) -> str | None:
+    """What SGLang 0.5.23's LoRA loader is known to refuse in this snapshot (found by running its
+    code on lorafleet's exports: tests/test_rollout_sglang.py, slow), said before a push rather
+    than as SGLang's bare KeyError / shape assertion."""
+    for key in snap.tensors:
+        if ".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in snap.tensors:
+            return ("it targets q_proj without v_proj, which SGLang's loader cannot stack into qkv_proj "
+                    "(KeyError in normalize_qkv_proj); add v_proj to target_modules")
+    if (snap.meta or {}).get("expert_sharing") == "shared_outer" and any(
+            k.endswith("experts.gate_up_proj.lora_A.weight") and t.dim() == 3 and t.shape[1] != snap.rank
+            for k, t in snap.tensors.items()):
+        return ("expert_sharing shared_outer: the export's gate_up lora_A has 2r rows, which SGLang repeats to 4r "
+                "against its shared-outer pool's 2r; use expert_sharing none or shared_a with SGLang")
+    return None
 
 
 def sampling_params(params: SamplingParams, row: int) -> dict:
