@@ -41,9 +41,21 @@ class SnapshotMixin:
     """Mixed into `Fleet`: snapshots of adapters and their versions, for rollout engines."""
 
     def adapter_version(self, name: str) -> int:
-        """Optimizer steps applied to the adapter so far (skipped non-finite steps do not count)."""
+        """Optimizer steps applied to the adapter so far (skipped non-finite steps do not count),
+        plus the times its weights were replaced by `set_adapter_weights` (also what
+        `load_adapter` runs): new weights under an unchanged step count must still read as
+        changed, or a rollout engine would keep sampling the old ones."""
         self.slot_of(name)  # unknown name -> ValueError
-        return int(self._train[name].adam.step)
+        return int(self._train[name].adam.step) + self._weight_replacements().get(name, 0)
+
+    def set_adapter_weights(self, name: str, w) -> None:
+        # Fleet lists SnapshotMixin before WeightsIOMixin, so this wraps the real one
+        super().set_adapter_weights(name, w)
+        counts = self._weight_replacements()
+        counts[name] = counts.get(name, 0) + 1
+
+    def _weight_replacements(self) -> dict[str, int]:
+        return self.__dict__.setdefault("_snapshot_weight_replacements", {})
 
     def changed_since(self, versions: Mapping[str, int]) -> set[str]:
         """Adapters whose version differs from ``versions[name]``, or that ``versions`` lacks."""
