@@ -294,3 +294,29 @@ def test_a_decode_that_does_not_fit_beside_the_running_one_waits_for_it(sched):
     assert most == 1
     for rid, ref in zip(rids, refs):
         assert [q[0] for q in _decode_samples(s.futures.peek(rid).body)] == [q.tokens for q in ref]
+
+
+def test_a_forward_backward_that_does_not_fit_beside_a_decode_waits_for_it(sched):
+    from lorafleet.service.budget import MemoryBudget, ModelShape
+    from lorafleet.service.budget_fleet import BudgetedFleet
+
+    fleet = _fleet()
+    shape = ModelShape.of(fleet.model)
+    est = MemoryBudget(shape, 0, 0, 0)
+    decode, datum = est.sample_bytes(4, 4, 150), est.train_bytes([16], forward_only=True)
+    assert datum < decode
+    budget = MemoryBudget(shape, decode + datum // 2, 0, 0)  # each fits alone, not both at once
+    ex = [lf.Example("a", list(range(3, 19)), list(range(4, 20)))]
+    s = sched(BudgetedFleet(fleet, budget), decode_chunk_tokens=4)
+    s.open_model("m")
+    big = _sample(s, "t", n=4, max_tokens=150)
+    _wait(lambda: s.liveness()["decoding"], "the decode never started")
+    f = s.futures.create("u", "fwd", durable=False)
+    s.submit(Op(f, "u", "fwdbwd", model_id="m", seq_id=1, examples=ex, group=("cross_entropy", (), True), raw=True))
+    later = _sample(s, "t", n=4, max_tokens=150)  # does not start before the waiting forward ran
+    got = s.futures.wait_sync(f, T)
+    assert isinstance(got, Result) and isinstance(s.futures.peek(big), Result), "it ran beside the decode"
+    assert s.futures.peek(later) is None or s.stats["sample_calls"] == 2
+    assert got.json["loss:sum"] == pytest.approx(float(sum(fleet.forward_backward(ex, forward_only=True).losses)),
+                                                  rel=1e-5)
+    assert isinstance(s.futures.wait_sync(later, T), Result)

@@ -204,7 +204,7 @@ class SampleRunning:
         budget = getattr(self.fleet, "budget", None)
         for group, p, need in self._budget_groups(ops_, params):
             held = sum(d.bytes for d in self._decodes)
-            if self._decodes and budget is not None and held + need > budget.work:
+            if self._decodes and budget is not None and (held + need > budget.work or self.fwd_waits_for_memory):
                 with self._cond:
                     self._mem_wait.extend(group)
                 continue

@@ -21,6 +21,7 @@ What each tenant gets per cycle is a fair share by deficit round-robin priced in
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Callable
 from ..engine import OptimConfig
 from ..types import Example
 from . import protocol
+from .budget_fleet import BudgetedFleet
 from .fairness import DeficitRoundRobin, RunningDecode, op_price
 from .futures import Failure, FutureStore, Result
 from .samples import PoolFull, SampleRunning, UserError  # noqa: F401 - imported from here by core.py, jobs.py
@@ -80,6 +82,7 @@ class Scheduler(SampleRunning):
         self._decodes: list[RunningDecode] = []  # in flight, oldest first (worker thread; mutated under _cond)
         self._mem_wait: list[Op] = []  # samples whose decode batch waits for running ones to free memory
         self._drop_after_decode: set[str] = set()  # sampler weights dropped while a decode still reads them
+        self._fwd_blocked: set[str] = set()  # forward_backward requests that did not fit beside the decodes
         # a sample whose sampler weights find every slot held waits this long for one, then fails
         self.slot_wait_s = slot_wait_s
         self._slot_wait: list[Op] = []  # those samples, oldest first; retried every cycle
@@ -331,7 +334,13 @@ class Scheduler(SampleRunning):
         for op in fwd:
             groups.setdefault(op.group if self.cross_model_batching else (op.group, op.model_id), []).append(op)
         for ops in groups.values():
-            self._run_fwdbwd(ops[0].group, ops)
+            fleet = self._fleet_beside_decodes(ops)
+            if fleet is None:
+                self._requeue(ops)
+                continue
+            self._run_fwdbwd(ops[0].group, ops, fleet)
+        if not self._decodes:
+            self._fwd_blocked.clear()
         if samples:
             self._run_samples(samples)
         self._advance_decodes()
@@ -347,11 +356,50 @@ class Scheduler(SampleRunning):
             self.futures.complete(op.rid, Failure(f"internal error: {type(e).__name__}: {e}", "server"))
 
     # ------------------------------------------------------------------ training
-    def _run_fwdbwd(self, group: tuple, ops: list[Op]):
+    def _fleet_beside_decodes(self, ops: list[Op]):
+        """The fleet a forward_backward runs on while decodes hold KV caches: its micro-batches are
+        cut to the memory budget less what the decodes hold. None when one of its datums (DPO pairs)
+        cannot fit beside them: it waits, and no new decode starts until it ran."""
+        held = sum(d.bytes for d in self._decodes)
+        budget = getattr(self.fleet, "budget", None)
+        if not held or budget is None:
+            return self.fleet
+        view = copy.copy(budget)
+        view.work = budget.work - held
+        loss_fn, _, forward_only = ops[0].group
+        dpo, step = loss_fn == "dpo", 2 if loss_fn == "dpo" else 1
+        for op in ops:
+            lengths = [len(e.input_tokens) for e in op.examples]
+            if any(view.train_bytes(lengths[i:i + step], forward_only, dpo) > view.work
+                   for i in range(0, len(lengths), step)):
+                self._fwd_blocked.update(o.rid for o in ops)
+                return None
+        self._fwd_blocked.difference_update(o.rid for o in ops)
+        return BudgetedFleet(vars(self.fleet)["_fleet"], view)
+
+    @property
+    def fwd_waits_for_memory(self) -> bool:
+        """A forward_backward waits for running decodes to free memory: no new decode starts."""
+        return bool(self._fwd_blocked)
+
+    def _requeue(self, ops: list[Op]) -> None:
+        """Put taken ops back at the head of their models' queues, their price refunded."""
+        with self._cond:
+            for op in ops:
+                q = self._models.get(op.model_id)
+                if q is None:
+                    self.futures.complete(op.rid, Failure(f"model {op.model_id} was closed", "user"))
+                    continue
+                q.ops[op.seq_id] = op
+                q.next_seq = min(q.next_seq, op.seq_id)
+                self._drr.charge(op.tenant, -self._price(op))
+
+    def _run_fwdbwd(self, group: tuple, ops: list[Op], fleet=None):
         loss_fn, cfg_items, forward_only = group
         examples = [e for op in ops for e in op.examples]
+        fleet = self.fleet if fleet is None else fleet
         try:
-            res = self.fleet.forward_backward(examples, loss_fn, dict(cfg_items), forward_only=forward_only)
+            res = fleet.forward_backward(examples, loss_fn, dict(cfg_items), forward_only=forward_only)
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: run each alone
             if len(ops) == 1:
                 user = isinstance(e, ValueError)
@@ -361,7 +409,7 @@ class Scheduler(SampleRunning):
                 self.futures.complete(ops[0].rid, Failure(msg, "user" if user else "server"))
                 return
             for op in ops:
-                self._run_fwdbwd(group, [op])
+                self._run_fwdbwd(group, [op], fleet)
             return
         self.stats["fwdbwd_calls"] += 1
         self.stats["fwdbwd_ops"] += len(ops)
