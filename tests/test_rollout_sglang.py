@@ -202,6 +202,11 @@ def test_what_sglangs_loader_refuses_is_said_before_the_push(base):
             eng.push(q_only.snapshot("a", layout="sglang"))
         with pytest.raises(RolloutError, match=r"adapter 'a': expert_sharing shared_outer: .* use expert_sharing none"):
             eng.push(shared.snapshot("a", layout="sglang"))
+        for targets, message in ((["k_proj", "v_proj"], "it targets k_proj without q_proj"),
+                                 (["q_proj", "v_proj", "up_proj"], "it targets up_proj without gate_proj")):
+            fleet, _ = _trained("qwen3", targets)
+            with pytest.raises(RolloutError, match=message + r".*would sample without"):
+                eng.push(fleet.snapshot("a", layout="sglang"))
         assert _bodies(fake, "/load_lora_adapter") == []
         eng.close()
 

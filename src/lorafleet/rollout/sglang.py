@@ -277,10 +277,19 @@ def sglang_cannot_load(snap: Snapshot) -> str | None:
     """What SGLang 0.5.23's LoRA loader is known to refuse in this snapshot (found by running its
     code on lorafleet's exports: tests/test_rollout_sglang.py, slow), said before a push rather
     than as SGLang's bare KeyError / shape assertion."""
+    has = snap.tensors.__contains__
     for key in snap.tensors:
-        if ".q_proj.lora_A." in key and key.replace(".q_proj.", ".v_proj.") not in snap.tensors:
+        if ".q_proj.lora_A." in key and not has(key.replace(".q_proj.", ".v_proj.")):
             return ("it targets q_proj without v_proj, which SGLang's loader cannot stack into qkv_proj "
                     "(KeyError in normalize_qkv_proj); add v_proj to target_modules")
+        for part in (".k_proj.", ".v_proj."):  # stacked only next to q_proj, else silently skipped
+            if part + "lora_A." in key and not has(key.replace(part, ".q_proj.")):
+                return (f"it targets {part.strip('.')} without q_proj: SGLang stacks k/v into qkv_proj only "
+                        "next to q_proj and skips them otherwise (the engine would sample without them); "
+                        "add q_proj to target_modules")
+        if ".mlp.up_proj.lora_A." in key and not has(key.replace(".up_proj.", ".gate_proj.")):
+            return ("it targets up_proj without gate_proj: SGLang stacks up into gate_up_proj only next to "
+                    "gate_proj and skips it otherwise (the engine would sample without it); add gate_proj")
     if (snap.meta or {}).get("expert_sharing") == "shared_outer" and any(
             k.endswith("experts.gate_up_proj.lora_A.weight") and t.dim() == 3 and t.shape[1] != snap.rank
             for k, t in snap.tensors.items()):
