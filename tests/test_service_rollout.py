@@ -189,7 +189,7 @@ def test_samples_go_to_the_engine_with_the_saved_weights(engine_server):
     assert svc.rollout.loaded() == {}
 
 
-def test_a_sampler_path_and_a_restart_push_from_the_saved_directory(engine_server):
+def test_a_sampler_path_is_pushed_from_its_saved_directory(engine_server):
     svc, url, engine = engine_server
     with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
         tc, tok = trained_client(sc, svc, steps=1)
@@ -202,6 +202,38 @@ def test_a_sampler_path_and_a_restart_push_from_the_saved_directory(engine_serve
                        types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result(timeout=T)
         assert got.sequences[0].tokens == ref.tokens
         assert len(engine.pushes) == n + 1
+
+
+def test_after_a_restart_a_sampler_is_pushed_from_its_saved_directory(tmp_path, monkeypatch):
+    """A new server process finds the sampler in its store; the engine (here a fresh one) gets its
+    weights from the saved directory at the first request, under the same name, and samples the
+    same tokens as before the restart."""
+    engines = [FleetEngine(tmp_path / "e1"), FleetEngine(tmp_path / "e2")]
+    monkeypatch.setattr(rollout_sampling, "make_service_engine", lambda *a: engines.pop(0))
+    cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, long_poll_s=5.0, rollout_url="http://engine.test:8000")
+    svc = build_service(BASE, cfg, log_fn=lambda *a: None)
+    first = svc.rollout.engine
+    app, _ = make_app(svc, keys={KEY: "alice"})
+    with ServerThread(app) as url, tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        path = tc.save_weights_for_sampler("kept").result(timeout=T).path
+    # a session left open when the process dies, with a sampler of those weights
+    session = svc.create_session("alice", {})["session_id"]
+    sid = svc.create_sampling_session("alice", {"session_id": session, "sampling_session_seq_id": 0,
+                                                "model_path": path})["sampling_session_id"]
+    body = {"sampling_session_id": sid, "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": tok.encode("the cat")}]},
+            "sampling_params": {"max_tokens": 8, "temperature": 0.0, "stop": []}}
+    before = svc.futures.wait_sync(svc.asample("alice", body)["request_id"], T)
+    svc.close()
+    svc2 = build_service(BASE, cfg, log_fn=lambda *a: None)
+    try:
+        after = svc2.futures.wait_sync(svc2.asample("alice", body)["request_id"], T)
+        assert after.body is not None and after.body == before.body
+        second = svc2.rollout.engine
+        assert [p[0] for p in second.pushes] == [p[0] for p in first.pushes] and len(second.pushes) == 1
+    finally:
+        svc2.close()
 
 
 def test_engine_errors_are_the_engines_answer_and_training_goes_on(engine_server):
