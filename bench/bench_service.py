@@ -1,6 +1,6 @@
 """What cross-tenant batching buys the service: requests/s and tokens/s with 1, 4 and 8 tenants.
 
-    .venv/bin/python bench/bench_service.py [--steps 12] [--threads 1]
+    .venv/bin/python bench/bench_service.py [--steps 12] [--threads 1] [--part batching|fairness]
 
 Two `lorafleet serve` processes on the embedded debug base (qwen3_moe, fp32, CPU), used one at
 a time; the tenants live in this process, each a thread with its own unmodified Tinker SDK
@@ -22,9 +22,11 @@ absolute figures include their cost; the ratio is what batching buys.
 ``--small-requests`` 1 × 2-token samples one after another, and their latency's p50 / p99 is
 printed, side by side in one run, for: the small tenants alone; the same while one tenant floods
 (``--flood-inflight`` samples of ``--flood-samples`` × ``--flood-tokens`` tokens, ``stop=[]``,
-always that many in flight); and that flood against ``lorafleet serve --decode-chunk-tokens 0``
-(each sample decodes to its end at once: the old behaviour). The flood's own generated tokens/s
-shows what the chunking costs it.
+always that many in flight) against the default server (``--decode-chunk-tokens 32``), one with
+``--decode-chunk-tokens 8``, and one with ``--decode-chunk-tokens 0`` (each sample decodes to its
+end at once, as before issue 14; the fair shares still order what starts). The flood's own
+generated tokens/s is printed twice: beside the small tenants (over the flood's whole run), and
+alone (``--flood-inflight`` requests at once, nothing else), which is what the chunking costs it.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def main(argv=None):
             servers = []
         if args.part in ("all", "fairness"):
             urls = {}
-            for chunk in (32, 0):
+            for chunk in (32, 8, 0):
                 port = free_port()
                 servers.append(start_server(port, keys, 4, args, True, ["--decode-chunk-tokens", str(chunk)]))
                 urls[chunk] = f"http://127.0.0.1:{port}"
@@ -258,6 +260,23 @@ def fairness_run(url, keys, args, flood: bool) -> tuple[list[float], float]:
     return lat, flood_tokens[0] / (time.perf_counter() - t_flood)
 
 
+def flood_alone(url, keys, args) -> float:
+    """The flood by itself (``--flood-inflight`` requests sent at once, nothing else): tokens/s."""
+    out = []
+
+    def one():
+        with httpx.Client(timeout=3600) as http:
+            out.append(_sample_once(http, url, keys[0], args.flood_samples, args.flood_tokens)[1])
+
+    threads = [threading.Thread(target=one) for _ in range(args.flood_inflight)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(out) / (time.perf_counter() - t0)
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
@@ -270,10 +289,13 @@ def measure_fairness(args, keys, urls):
     with httpx.Client(timeout=600) as http:  # warm-up, untimed
         for url in urls.values():
             _sample_once(http, url, keys[1], 1, 2)
-    cols = [("alone", urls[32], False), ("flood, chunk 32", urls[32], True), ("flood, chunk 0 (old)", urls[0], True)]
-    res = {}
+    cols = [("alone", urls[32], False), ("flood, chunk 32", urls[32], True), ("flood, chunk 8", urls[8], True),
+            ("flood, chunk 0", urls[0], True)]
+    res, alone = {}, {}
     for name, url, flood in cols:
         res[name] = fairness_run(url, keys, args, flood)
+        if flood:
+            alone[name] = flood_alone(url, keys, args)
         print(f"  done: {name}", file=sys.stderr)
     print()
     print(f"{'small tenants':<22}" + "".join(f" | {n:>20}" for n, _, _ in cols))
@@ -281,6 +303,7 @@ def measure_fairness(args, keys, urls):
     for label, q in (("latency p50 (s)", 0.5), ("latency p99 (s)", 0.99)):
         print(f"{label:<22}" + "".join(f" | {_pct(res[n][0], q):>20.3f}" for n, _, _ in cols))
     print(f"{'flood tok/s':<22}" + "".join(f" | {res[n][1]:>20.0f}" if f else f" | {'-':>20}" for n, _, f in cols))
+    print(f"{'flood alone tok/s':<22}" + "".join(f" | {alone[n]:>20.0f}" if f else f" | {'-':>20}" for n, _, f in cols))
     print(f"loadavg at end {os.getloadavg()[0]:.2f}")
 
 
