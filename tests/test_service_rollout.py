@@ -289,6 +289,10 @@ def test_a_closed_session_unloads_only_after_its_requests_finish(engine_server):
             while not any(p.in_flight for p in svc.rollout._adapters.values()):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
+            # training goes on while the engine holds the request (samples never run on the scheduler)
+            tc.forward_backward([datum(tok, "the cat")], "cross_entropy").result(timeout=T)
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=T)
+            assert any(p.in_flight for p in svc.rollout._adapters.values())  # still held by the engine
             session_id = last_sampler_id(svc).split(":")[0]
             svc.futures.wait_sync(svc.finish_session("alice", session_id), T)
             time.sleep(0.5)  # the session is finished, its request still runs: nothing unloaded
