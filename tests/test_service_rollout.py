@@ -8,7 +8,6 @@ the client. The real vLLM version of these checks is at the end (the `vllm_serve
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -210,7 +209,8 @@ def test_after_a_restart_a_sampler_is_pushed_from_its_saved_directory(tmp_path, 
     same tokens as before the restart."""
     engines = [FleetEngine(tmp_path / "e1"), FleetEngine(tmp_path / "e2")]
     monkeypatch.setattr(rollout_sampling, "make_service_engine", lambda *a: engines.pop(0))
-    cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, long_poll_s=5.0, rollout_url="http://engine.test:8000")
+    cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, long_poll_s=5.0,
+                        rollout_url="http://engine.test:8000")
     svc = build_service(BASE, cfg, log_fn=lambda *a: None)
     first = svc.rollout.engine
     app, _ = make_app(svc, keys={KEY: "alice"})
