@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import vllm_moe_loader
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 MAX_LORA_RANK = 16
@@ -30,6 +32,7 @@ class VLLMTestServer:
     max_loras: int
     server: object  # lorafleet.rollout.vllm_local.VLLMServer
     python: Path
+    moe_loader: object = None  # vllm_moe_loader.LoaderRun, started beside the server
 
 
 def require_vllm_python() -> Path:
@@ -71,12 +74,20 @@ def vllm_server(tmp_path_factory):
     server = VLLMServer(base, max_lora_rank=MAX_LORA_RANK, max_loras=MAX_LORAS, python=str(python),
                         max_model_len=256, log_path=root / "vllm.log",
                         env={"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}).start()
+    moe_loader = None
     try:
+        # the MoE loader check imports vLLM too: beside the server's start it costs little wall time
+        moe_loader = vllm_moe_loader.start(python, root / "moe")
         server.wait_ready(300)
     except RolloutError as e:
         server.stop()
         pytest.fail(f"the vLLM test server did not start: {e}", pytrace=False)
+    except BaseException:
+        server.stop()
+        raise
     try:
-        yield VLLMTestServer(server.url, base, MAX_LORA_RANK, MAX_LORAS, server, python)
+        yield VLLMTestServer(server.url, base, MAX_LORA_RANK, MAX_LORAS, server, python, moe_loader)
     finally:
         server.stop()
+        if moe_loader is not None and moe_loader.proc.poll() is None:
+            moe_loader.proc.kill()
