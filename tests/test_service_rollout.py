@@ -307,6 +307,36 @@ def test_a_closed_session_unloads_only_after_its_requests_finish(engine_server):
             time.sleep(0.05)
 
 
+def test_sglang_gets_its_own_layout_and_its_options(tmp_path, monkeypatch):
+    """With --rollout-engine sglang the snapshot is in SGLang's layout; a sampler of a saved PEFT
+    path (no snapshot in that layout) stays with the built-in decoder; the sink gets SGLang's options."""
+    import lorafleet.rollout as rollout
+
+    engine, specs = FleetEngine(tmp_path / "e"), []
+    monkeypatch.setattr(rollout, "make_engine", lambda spec, **kw: specs.append((spec, kw)) or engine)
+    cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, long_poll_s=5.0, rollout_engine="sglang",
+                        rollout_url="http://sglang.test:30000")
+    svc = build_service(BASE, cfg, log_fn=lambda *a: None)
+    assert specs == [({"engine": "sglang", "url": "http://sglang.test:30000",
+                       "adapter_dir": str(tmp_path / "svc" / "rollout_adapters")},
+                      {"base_dir": str(tmp_path / "svc" / "rollout_adapters"), "max_rank": 8})]
+    app, _ = make_app(svc, keys={KEY: "alice"})
+    try:
+        with ServerThread(app) as url, tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+            tc, tok = trained_client(sc, svc, steps=1)
+            prompt = types.ModelInput.from_ints(tok.encode("the cat"))
+            greedy = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+            a = tc.save_weights_and_get_sampling_client().sample(prompt, 1, greedy).result(timeout=T)
+            assert [p[1] for p in engine.pushes] == ["sglang"] and engine.generates == [engine.pushes[0][0]]
+            calls = svc.scheduler.stats["sample_calls"]
+            path = tc.save_weights_for_sampler("p").result(timeout=T).path
+            b = sc.create_sampling_client(model_path=path).sample(prompt, 1, greedy).result(timeout=T)
+            assert svc.scheduler.stats["sample_calls"] == calls + 1 and len(engine.generates) == 1
+            assert a.sequences[0].tokens == b.sequences[0].tokens  # the same weights either way
+    finally:
+        svc.close()
+
+
 def test_another_base_or_no_engine_refuses_to_start(tmp_path, monkeypatch):
     other = FleetEngine(tmp_path / "e", seed=7)
     monkeypatch.setattr(rollout_sampling, "make_service_engine", lambda *a: other)

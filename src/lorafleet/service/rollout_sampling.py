@@ -62,7 +62,8 @@ class EngineDown(HTTPException):
 class _Pushed:
     """One sampler's adapter in the engine."""
 
-    name: str  # the engine's name for it
+    name: str  # the name it is pushed under
+    served: str | None = None  # the name the engine's push returned (what requests and unloads use)
     source_dir: str | None = None  # its saved PEFT directory (to push again after a restart)
     snapshot: Snapshot | None = None  # taken at save time, pushed once, then dropped
     done: threading.Event = field(default_factory=threading.Event)  # pushed (or the push failed)
@@ -166,8 +167,17 @@ class EngineSampling:
             raise EngineDown(failed[0], f"{failed[1]} (retry in {RETRY_AFTER_S:g} s)")
 
     def takes(self, sampler) -> bool:
-        """Whether this sampler's requests go to the engine: the base model, or PEFT weights on disk."""
-        return sampler is None or sampler.source is None or sampler.source[0] == "peft"
+        """Whether this sampler's requests go to the engine: the base model, or PEFT weights on disk
+        (for SGLang, whose layout differs from the saved PEFT directory, only weights saved by this
+        process, whose snapshot was taken in SGLang's layout; the others stay with the built-in decoder)."""
+        if sampler is None or sampler.source is None:
+            return True
+        if sampler.source[0] != "peft":
+            return False
+        if self.layout != "peft":
+            with self._lock:
+                return sampler.adapter_key in self._adapters
+        return True
 
     # ------------------------------------------------------------------ pushes
     def stage(self, sampler, fleet, adapter: str) -> None:
@@ -205,7 +215,7 @@ class EngineSampling:
     def _push(self, p: _Pushed) -> None:
         try:
             snap = p.snapshot if p.snapshot is not None else snapshot_from_dir(p.name, p.source_dir)
-            self._call(lambda: self.engine.push(snap), what=f"push of sampler weights {p.name}")
+            p.served = self._call(lambda: self.engine.push(snap), what=f"push of sampler weights {p.name}")
             p.error, p.snapshot = None, None
             self.stats["pushes"] += 1
         except Exception as e:  # noqa: BLE001
@@ -238,7 +248,7 @@ class EngineSampling:
                     raise RuntimeError("the push of its weights did not finish in 600 s")
                 if p.error is not None:
                     raise RuntimeError(f"push of the sampler's weights failed: {p.error}")
-                name = p.name
+                name = p.served
             seqs = self._call(lambda: self.engine.generate(name, [prompt], params, n), what="generate")
             if not isinstance(seqs, list) or len(seqs) != 1 or len(seqs[0]) != n:
                 raise RuntimeError(f"the engine answered {seqs!r:.200} for 1 prompt of {n} samples")
@@ -305,10 +315,10 @@ class EngineSampling:
         if not p.done.wait(600) or p.error is not None:
             return  # never loaded
         unload = getattr(self.engine, "unload", None)
-        if unload is None:
+        if unload is None:  # the SGLang sink has none yet: the name stays until the engine restarts
             return
         try:
-            unload(p.name)
+            unload(p.served)
             self.stats["unloads"] += 1
         except Exception as e:  # noqa: BLE001
             log.warning("%s: unloading %s failed: %s", self.where, p.name, _one_line(e))
@@ -316,7 +326,7 @@ class EngineSampling:
     def loaded(self) -> dict[str, str]:
         """adapter_key -> engine name of every sampler pushed and not dropped (for tests and logs)."""
         with self._lock:
-            return {k: p.name for k, p in self._adapters.items()
+            return {k: p.served for k, p in self._adapters.items()
                     if p.done.is_set() and p.error is None and not p.dropped}
 
     def close(self, grace_s: float = 0.0) -> None:
@@ -351,7 +361,9 @@ def start_engine_sampling(service) -> EngineSampling:
                          f"a higher rank could not be pushed; lower --max-rank to {max_rank} or restart the engine "
                          f"with --max-lora-rank {c.max_rank}")
     url = c.rollout_url.rstrip("/")
-    engine = make_service_engine(c.rollout_engine, url, str(Path(c.data_dir) / "rollout_adapters"), max_rank)
+    adapter_dir = str(Path(c.data_dir) / "rollout_adapters")
+    base_dir = service.base_name if Path(service.base_name).is_dir() else adapter_dir  # SGLang reads its config
+    engine = make_service_engine(c.rollout_engine, url, adapter_dir, max_rank, base_dir)
     sampling = EngineSampling(service, engine, c.rollout_engine, url, retries=c.rollout_retries)
     try:
         gap = sampling.check_base(service.fleet, service.fleet.tokenizer)
@@ -362,12 +374,14 @@ def start_engine_sampling(service) -> EngineSampling:
     return sampling
 
 
-def make_service_engine(kind: str, url: str, adapter_dir: str, max_rank: int):
+def make_service_engine(kind: str, url: str, adapter_dir: str, max_rank: int, base_dir: str):
     """The sink (``lorafleet.rollout.make_engine``) for the service; its errors are ValueErrors."""
     from ..rollout import RolloutError, make_engine
 
-    spec = {"engine": kind, "url": url, "adapter_dir": adapter_dir, "max_lora_rank": max_rank}
+    spec = {"engine": kind, "url": url, "adapter_dir": adapter_dir}
+    if kind == "vllm":  # the server does not report its --max-lora-rank (SGLang's does)
+        spec["max_lora_rank"] = max_rank
     try:
-        return make_engine(spec, base_dir=adapter_dir, max_rank=max_rank)
+        return make_engine(spec, base_dir=base_dir, max_rank=max_rank)
     except (RolloutError, OSError) as e:
         raise ValueError(f"rollout engine {kind} at {url}: {_one_line(e)}") from None
