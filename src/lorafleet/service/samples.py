@@ -242,14 +242,14 @@ class SampleRunning:
                 if not d.state.done:
                     continue
                 outs = self.fleet.sample_results(d.state)
-                for op, out in zip(d.ops, outs):
-                    self.futures.complete(op.rid, self._sample_result(out, d.prompt_logprobs.get(op.rid)))
+                answers = [self._sample_result(out, d.prompt_logprobs.get(op.rid)) for op, out in zip(d.ops, outs)]
             except Exception as e:  # noqa: BLE001 - one failing decode must not stop the others
                 log.error("decode failed: %s\n%s", e, traceback.format_exc())
-                for op in d.ops:
-                    self.futures.complete(op.rid, Failure(f"internal error: {type(e).__name__}: {e}", "server"))
-            with self._cond:
+                answers = [Failure(f"internal error: {type(e).__name__}: {e}", "server")] * len(d.ops)
+            with self._cond:  # left the queue before its requests answer (a client may read the depth then)
                 self._decodes.remove(d)
+            for op, answer in zip(d.ops, answers):
+                self.futures.complete(op.rid, answer)
         for a in list(self._drop_after_decode):
             if a not in self._decoding_adapters():
                 self._drop_after_decode.discard(a)
