@@ -314,6 +314,7 @@ def test_sglang_gets_its_own_layout_and_its_options(tmp_path, monkeypatch):
 
     engine, specs = FleetEngine(tmp_path / "e"), []
     monkeypatch.setattr(rollout, "make_engine", lambda spec, **kw: specs.append((spec, kw)) or engine)
+    monkeypatch.setattr(rollout_sampling, "make_service_engine", REAL_SINK)  # the module fixture's fake off
     cfg = ServiceConfig(data_dir=str(tmp_path / "svc"), max_rank=8, long_poll_s=5.0, rollout_engine="sglang",
                         rollout_url="http://sglang.test:30000")
     svc = build_service(BASE, cfg, log_fn=lambda *a: None)
