@@ -62,11 +62,12 @@ class BadRequest(Exception):
 
 class FakeSGLang:
     def __init__(self, base_dir, *, enable_lora=True, max_lora_rank=16, max_loras_per_batch=8,
-                 server_info=True, generate_delay_s=0.0):
+                 server_info=True, generate_delay_s=0.0, experts_shared_outer_loras=None):
         cfg = json.loads((Path(base_dir) / "config.json").read_text())
         self.cfg, self.base_dir = cfg, str(base_dir)
         self.enable_lora, self.max_lora_rank, self.max_loras_per_batch = enable_lora, max_lora_rank, max_loras_per_batch
         self.serve_server_info, self.generate_delay_s = server_info, generate_delay_s
+        self.experts_shared_outer_loras = experts_shared_outer_loras  # SGLang's default: None (auto-detected)
         eos = cfg.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.loaded: dict[str, float] = {}  # lora_name -> the adapter's weight signature
@@ -94,7 +95,8 @@ class FakeSGLang:
         if not self.serve_server_info:
             raise BadRequest(404, {"detail": "Not Found"})
         return {"model_path": self.base_dir, "enable_lora": self.enable_lora, "max_lora_rank": self.max_lora_rank,
-                "max_loras_per_batch": self.max_loras_per_batch, "max_loaded_loras": None, "version": "0.5.23"}
+                "max_loras_per_batch": self.max_loras_per_batch, "max_loaded_loras": None, "version": "0.5.23",
+                "experts_shared_outer_loras": self.experts_shared_outer_loras}
 
     def load(self, body):
         _fields(body, LOAD_FIELDS, "LoadLoRAAdapterReqInput")
@@ -236,6 +238,7 @@ class FakeSGLang:
                 "gate_proj": (c["hidden_size"], c["intermediate_size"]),
                 "up_proj": (c["hidden_size"], c["intermediate_size"]),
                 "down_proj": (c["intermediate_size"], c["hidden_size"])}
+        _check_stacks(tensors, name)
         signature = 0.0
         for key, t in tensors.items():
             m = _NAME_RE.match(key)
@@ -305,6 +308,21 @@ def _fields(body, allowed, what):
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BadRequest(400, {"detail": [{"loc": ["body", unknown[0]], "msg": f"{what} has no field {unknown[0]!r}"}]})
+
+
+def _check_stacks(tensors, name):
+    """SGLang 0.5.23's LoRAAdapter._normalize_weights (srt/lora/lora.py): q/k/v are stacked into
+    qkv_proj from the q_proj key, which looks v_proj up beside it (a bare KeyError when absent);
+    gate/up into gate_up_proj from the gate_proj key. k/v without q and up without gate stay
+    unstacked and match no target module: the pool skips them with a warning (an error here, as
+    with SGLang's strict loading, so a push that would sample without them cannot pass)."""
+    for key in tensors:
+        if ".q_proj." in key and key.replace(".q_proj.", ".v_proj.") not in tensors:
+            raise ValueError(f"Failed to load LoRA adapter {name}: KeyError: {key.replace('.q_proj.', '.v_proj.')!r}")
+        for part, lead in ((".k_proj.", ".q_proj."), (".v_proj.", ".q_proj."), (".up_proj.", ".gate_proj.")):
+            if part in key and key.replace(part, lead) not in tensors:
+                raise ValueError(f"LoRA adapter '{name}': 1 weight(s) skipped because they did not match any target "
+                                 f"module. Skipped weights: [{key!r}]")
 
 
 def _lora_error(message):

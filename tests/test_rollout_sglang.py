@@ -15,7 +15,7 @@ import lorafleet as lf
 from lorafleet.engine.sampling import SamplingParams
 from lorafleet.models.debug import build_debug_model
 from lorafleet.rollout import RolloutError
-from lorafleet.rollout.sglang import SGLangEngine, make_sglang_engine
+from lorafleet.rollout.sglang import SGLangEngine, make_sglang_engine, sglang_cannot_load, with_stack_partners
 
 from sglang_fake import SAMPLING_KEYS, FakeSGLang
 
@@ -192,23 +192,58 @@ def test_engine_errors_are_one_line_naming_the_answer(base, tmp_path):
         SGLangEngine(gone, base_dir=str(d), max_rank=16, request_retries=1, retry_wait_s=0.01)
 
 
-def test_what_sglangs_loader_refuses_is_said_before_the_push(base):
+@pytest.mark.parametrize("targets, zeros", [
+    (["q_proj"], {"k_proj", "v_proj"}),
+    (["k_proj", "v_proj"], {"q_proj"}),
+    (["q_proj", "v_proj", "up_proj"], {"k_proj", "gate_proj"}),
+])
+def test_incomplete_qkv_and_gate_up_groups_are_pushed_with_zero_partners(base, targets, zeros):
+    """SGLang stacks q/k/v and gate/up and fails on (q without v) or skips (k/v without q, up
+    without gate) an incomplete group; the push fills it with zero LoRAs, which change nothing."""
+    from safetensors.torch import load_file
+
     d, _ = base
-    q_only, _ = _trained("qwen3", ["q_proj"])
-    shared, _ = _trained("qwen3_moe", ["q_proj", "v_proj"], experts=True, expert_sharing="shared_outer")
-    with FakeSGLang(d) as fake:
-        eng = _engine(fake, d)
-        with pytest.raises(RolloutError, match=r"adapter 'a': it targets q_proj without v_proj, .*add v_proj"):
-            eng.push(q_only.snapshot("a", layout="sglang"))
-        with pytest.raises(RolloutError, match=r"adapter 'a': expert_sharing shared_outer: .* use expert_sharing none"):
-            eng.push(shared.snapshot("a", layout="sglang"))
-        for targets, message in ((["k_proj", "v_proj"], "it targets k_proj without q_proj"),
-                                 (["q_proj", "v_proj", "up_proj"], "it targets up_proj without gate_proj")):
-            fleet, _ = _trained("qwen3", targets)
-            with pytest.raises(RolloutError, match=message + r".*would sample without"):
-                eng.push(fleet.snapshot("a", layout="sglang"))
-        assert _bodies(fake, "/load_lora_adapter") == []
+    fleet, _ = _trained("qwen3", targets)
+    snap = fleet.snapshot("a", layout="sglang")
+    with FakeSGLang(d) as fake:  # the fake refuses incomplete groups as SGLang's loader does
+        eng = _engine(fake, d, adapter_dir=str(d / "pushed"))
+        eng.push(snap)
+        (path,) = [Path(b["lora_path"]) for b in _bodies(fake, "/load_lora_adapter")]
+        written = load_file(str(path / "adapter_model.safetensors"))
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["target_modules"] == sorted(set(targets) | zeros)
+        for key, t in snap.tensors.items():  # what was trained is written unchanged
+            assert written[key].equal(t)
+        added = {k: t for k, t in written.items() if k not in snap.tensors}
+        assert {k.split(".")[-3] for k in added} == zeros and all(not t.any() for t in added.values())
+        other = lf.Fleet(build_debug_model("qwen3"), max_adapters=1, max_rank=8)  # same seed: the same base
+        other.load_adapter("a", path)  # lorafleet reads the pushed directory back: the same outputs
+        tokens = [1, 5, 6, 7, 9, 2]
+        got, want = other.compute_logprobs("a", tokens)[1:], fleet.compute_logprobs("a", tokens)[1:]
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-6)
         eng.close()
+
+
+def test_a_push_needs_the_servers_moe_pool_to_match_the_experts_layout(base):
+    """SGLang's MoE LoRA pool is per-expert or shared-outer for the whole server; the per-expert
+    one would give a shared-outer adapter's shared factors to expert 0 only."""
+    d, _ = base
+    shared, _ = _trained("qwen3_moe", ["q_proj", "v_proj"], experts=True, expert_sharing="shared_outer")
+    per_expert, _ = _trained("qwen3_moe", ["q_proj", "v_proj"], experts=True, expert_sharing="shared_a")
+    for mode in (None, False):
+        with FakeSGLang(d, experts_shared_outer_loras=mode) as fake:
+            eng = _engine(fake, d)
+            with pytest.raises(RolloutError, match=rf"adapter 'a': expert_sharing shared_outer: .* is {mode}.*"
+                                                   r"start it with --experts-shared-outer-loras"):
+                eng.push(shared.snapshot("a", layout="sglang"))
+            assert _bodies(fake, "/load_lora_adapter") == []
+    with FakeSGLang(d, experts_shared_outer_loras=True) as fake:
+        eng = _engine(fake, d)
+        with pytest.raises(RolloutError, match=r"adapter 'a': its experts LoRA is per expert, but the server runs "
+                                               r"the shared-outer pool"):
+            eng.push(per_expert.snapshot("a", layout="sglang"))
+        assert sglang_cannot_load(shared.snapshot("a", layout="sglang"), fake.server_info()) is None
+        assert _bodies(fake, "/load_lora_adapter") == []
 
 
 def test_transient_failures_are_retried_a_bounded_number_of_times(base):
@@ -377,26 +412,55 @@ def test_the_rl_jobs_rollouts_push_and_sample_through_the_sink(base):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="lorafleet's sglang export vs SGLang 0.5.23's loader (adapters/formats_layouts.py "
-                   "sglang_write): an adapter on q_proj without v_proj makes SGLang's normalize_qkv_proj raise KeyError; "
-                   "with expert_sharing shared_outer the 3-D gate_up lora_A holds 2r rows, SGLang repeats it to 4r and "
-                   "its shared-outer pool takes 2r")
 def test_sglangs_loader_takes_q_only_and_shared_outer_exports(tmp_path):
+    """SGLang's loader on what the sink pushes for incomplete q/k/v and gate/up groups (zero
+    partners, with_stack_partners) and on the MoE layouts of every expert_sharing mode."""
     if not SGLANG_PYTHON:
         pytest.skip("set LORAFLEET_SGLANG_PYTHON to a python with sglang==0.5.23 installed (see docs/rollout_sglang.md)")
+    from safetensors.torch import load_file
+
     cases = {"q_only": ("qwen3", ["q_proj"], {}),
-             "shared_outer": ("qwen3_moe", ["q_proj", "v_proj"], {"experts": True, "expert_sharing": "shared_outer"})}
-    adapters = []
+             "kv_only": ("qwen3", ["k_proj", "v_proj"], {}),
+             "up_only": ("qwen3", ["q_proj", "v_proj", "up_proj"], {}),
+             "shared_outer": ("qwen3_moe", ["q_proj", "v_proj"], {"experts": True, "expert_sharing": "shared_outer"}),
+             "shared_a": ("qwen3_moe", ["q_proj", "v_proj"], {"experts": True, "expert_sharing": "shared_a"})}
+    adapters, fleets = [], {}
     for case, (kind, targets, cfg) in cases.items():
         fleet, config = _trained(kind, targets, **cfg)
+        fleets[case] = fleet
         config.save_pretrained(tmp_path / case / "base")
-        fleet.snapshot("a", layout="sglang").write(tmp_path / case / "adapter")
+        base_cfg = json.loads((tmp_path / case / "base" / "config.json").read_text())
+        with_stack_partners(fleet.snapshot("a", layout="sglang"), base_cfg).write(tmp_path / case / "adapter")
         adapters.append({"base": str(tmp_path / case / "base"), "adapter": str(tmp_path / case / "adapter"),
                          "out": str(tmp_path / case / "sglang.safetensors")})
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"adapters": adapters}))
-    q_only, shared_outer = _sglang_check(job)["adapters"]
-    assert "error" not in q_only, q_only
-    assert "error" not in shared_outer, shared_outer
-    rows = shared_outer["shapes"]["base_model.model.model.layers.0.mlp.experts.gate_up_proj.lora_A.weight"][1]
-    assert rows == 2 * 4  # SGLang's shared-outer buffer slice: lora_rank * 2 (gate, up)
+    results = dict(zip(cases, _sglang_check(job)["adapters"]))
+    stem = "base_model.model.model.layers.0."
+    for case, got in results.items():
+        assert "error" not in got and got["problems"] == [], (case, got)
+        w = fleets[case].get_adapter_weights("a")
+        sg = load_file(str(tmp_path / case / "sglang.safetensors"))
+        assert not any(".q_proj." in k or ".k_proj." in k or ".v_proj." in k or ".up_proj." in k for k in sg), case
+        c = json.loads((tmp_path / case / "base" / "config.json").read_text())
+        outs = {"q_proj": c["num_attention_heads"] * c["head_dim"], "k_proj": c["num_key_value_heads"] * c["head_dim"],
+                "v_proj": c["num_key_value_heads"] * c["head_dim"]}
+        for f, sizes in ((0, [4, 4, 4]), (1, list(outs.values()))):  # SGLang's stacked q, k, v: trained or zero
+            stacked = sg[stem + f"self_attn.qkv_proj.lora_{'AB'[f]}.weight"]
+            for name, chunk in zip(outs, stacked.split(sizes)):
+                m = w.dense.get(f"model.layers.0.self_attn.{name}")
+                assert chunk.equal(m[f]) if m else not chunk.any(), (case, name, f)
+        if case == "up_only":
+            ua, ub = w.dense["model.layers.0.mlp.up_proj"]
+            a, b = sg[stem + "mlp.gate_up_proj.lora_A.weight"], sg[stem + "mlp.gate_up_proj.lora_B.weight"]
+            assert not a[:4].any() and a[4:].equal(ua) and not b[: ub.shape[0]].any() and b[ub.shape[0]:].equal(ub)
+    for case in ("shared_outer", "shared_a"):
+        a = results[case]["shapes"][stem + "mlp.experts.gate_up_proj.lora_A.weight"]
+        assert a[1] == 2 * 4, case  # SGLang repeats gate_up A once: its buffers take lora_rank * 2 rows
+        sg = load_file(str(tmp_path / case / "sglang.safetensors"))
+        ga, _ = fleets[case].get_adapter_weights("a").experts["model.layers.0.mlp.experts"]["gate_up"]
+        sa = sg[stem + "mlp.experts.gate_up_proj.lora_A.weight"]
+        # shared_outer: expert dim 1 (the shared-outer pool requires it); shared_a: one copy per expert
+        # (the per-expert pool fills expert e from index e only)
+        assert sa.shape[0] == (1 if case == "shared_outer" else 8), case
+        assert sa[:, :4].equal(ga.expand(sa.shape[0], -1, -1)) and sa[:, 4:].equal(ga.expand(sa.shape[0], -1, -1))

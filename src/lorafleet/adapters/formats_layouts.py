@@ -28,10 +28,20 @@ Layouts (verified against PEFT 0.21.2 ``peft/tuners/lora/layer.py`` class ``Para
   0.17/0.18 already produced the modern layout.
 - vLLM per-expert 2D names: ``P.{e}.gate_proj / up_proj / down_proj`` (Mixtral:
   ``block_sparse_moe.experts.{e}.w1 / w3 / w2``).
-- SGLang native 3D names: ``P.gate_up_proj.lora_A.weight (1|E, 2r, H)`` = ``[A; A]`` along rank
-  (gate output rows read the first ``r`` shrink outputs, up rows the second ``r``),
-  ``P.gate_up_proj.lora_B.weight (E, 2I, r)``, ``P.down_proj.lora_A.weight (E, r, I)``,
-  ``P.down_proj.lora_B.weight (1|E, H, r)``.
+- SGLang native 3D names (checked against SGLang 0.5.23 ``srt/lora/lora.py`` and ``mem_pool.py``):
+  ``P.gate_up_proj.lora_A.weight (1|E, r, H)``: ``normalize_gate_up_proj`` repeats a stacked
+  gate_up A twice along rank (gate output rows read the first ``r`` shrink outputs, up rows the
+  second ``r``); ``P.gate_up_proj.lora_B.weight (E, 2I, r)``, ``P.down_proj.lora_A.weight (E, r, I)``,
+  ``P.down_proj.lora_B.weight (1|E, H, r)``. Expert dim 1 only in the shared-outer layout (gate_up
+  A and down B both 1: SGLang's ``--experts-shared-outer-loras`` pool, which it also auto-detects
+  from a gate_up A of expert dim 1); its per-expert pool copies expert ``e`` of a 3D tensor into
+  expert ``e`` only, so every factor there has expert dim E. Earlier lorafleet exports hold
+  gate_up A as ``(1|E, 2r, H)`` = ``[A; A]``; :func:`sglang_read` takes both.
+- SGLang stacks dense q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, only from a
+  ``q_proj`` key with a ``v_proj`` key beside it (``normalize_qkv_proj``) and from a ``gate_proj``
+  key; an orphan ``k_proj`` / ``v_proj`` / ``up_proj`` matches no target and is skipped.
+  :func:`sglang_dense_partners` writes zero factors for the missing members (a zero LoRA changes
+  nothing), so every targeted projection is stacked.
 """
 
 from __future__ import annotations
@@ -196,21 +206,39 @@ def fuse_gate_up(ga: torch.Tensor, gb: torch.Tensor, ua: torch.Tensor, ub: torch
 
 
 # ----------------------------------------------------------------------------- SGLang native 3D
+def sglang_shared_outer(projs: dict[str, Factors], num_experts: int) -> bool:
+    """Whether these factors take SGLang's shared-outer layout: down B shared (expert dim 1), down
+    A per expert, and gate_up A (if there) shared. A shared gate_up A without a down LoRA is left
+    per expert: it may be ``shared_a``, and SGLang's per-expert pool would give a ``[1, ...]`` A to
+    expert 0 only (while a shared-outer server refuses an E-expert A loudly)."""
+    if num_experts == 1 or "down" not in projs:
+        return False
+    dn_a, dn_b = projs["down"]
+    return dn_b.shape[0] == 1 and dn_a.shape[0] != 1 and (
+        "gate_up" not in projs or projs["gate_up"][0].shape[0] == 1)
+
+
 def sglang_write(stem: str, projs: dict[str, Factors], arch: ExpertsArch, r: int) -> dict[str, torch.Tensor]:
-    """SGLang 3D keys; keeps expert dim 1 where SGLang allows a shared factor (gate_up A, down B)
-    and replicates to E where it needs per-expert factors (gate_up B, down A)."""
+    """SGLang 3D keys: gate_up A ``[1|E, r, H]`` (SGLang repeats it for gate and up), gate_up B
+    ``[E, 2I, r]``, down A ``[E, r, I]``, down B ``[1|E, H, r]``; expert dim 1 only in the
+    shared-outer layout (:func:`sglang_shared_outer`), every other factor replicated to E. A
+    missing projection is written as zeros of the same layout."""
     num_e, hid, inter = arch.num_experts, arch.hidden_size, arch.intermediate_size
     dtype = next(iter(projs.values()))[0].dtype
+    outer = sglang_shared_outer(projs, num_e)
+    e_out = 1 if outer else num_e  # expert dim of gate_up A and down B
     if "gate_up" in projs:
         gu_a, gu_b = projs["gate_up"]
     else:
-        gu_a, gu_b = torch.zeros(1, r, hid, dtype=dtype), torch.zeros(num_e, 2 * inter, r, dtype=dtype)
+        gu_a, gu_b = torch.zeros(e_out, r, hid, dtype=dtype), torch.zeros(num_e, 2 * inter, r, dtype=dtype)
     if "down" in projs:
         dn_a, dn_b = projs["down"]
     else:
-        dn_a, dn_b = torch.zeros(num_e, r, inter, dtype=dtype), torch.zeros(1, hid, r, dtype=dtype)
+        dn_a, dn_b = torch.zeros(num_e, r, inter, dtype=dtype), torch.zeros(e_out, hid, r, dtype=dtype)
+    if not outer:
+        gu_a, dn_b = full(gu_a, num_e, stem), full(dn_b, num_e, stem)
     return {
-        f"{stem}.gate_up_proj.lora_A.weight": _own(torch.cat([gu_a, gu_a], dim=1)),
+        f"{stem}.gate_up_proj.lora_A.weight": _own(gu_a),
         f"{stem}.gate_up_proj.lora_B.weight": _own(full(gu_b, num_e)),
         f"{stem}.down_proj.lora_A.weight": _own(full(dn_a, num_e)),
         f"{stem}.down_proj.lora_B.weight": _own(dn_b),
@@ -220,7 +248,9 @@ def sglang_write(stem: str, projs: dict[str, Factors], arch: ExpertsArch, r: int
 def sglang_read(stem: str, tensors: dict[str, torch.Tensor], arch: ExpertsArch, r: int
                 ) -> tuple[dict[str, Factors], set[tuple[str, str]]]:
     """SGLang 3D tensors of one experts module -> full factors per projection, plus the set of
-    (proj, "A"|"B") factors stored with expert dim 1."""
+    (proj, "A"|"B") factors stored with expert dim 1. gate_up A may hold ``r`` rows (SGLang's
+    layout, the same shrink for gate and up) or ``2r`` (earlier lorafleet exports: gate rows then up rows,
+    as SGLang's per-expert pool reads them after its repeat)."""
     num_e, hid, inter = arch.num_experts, arch.hidden_size, arch.intermediate_size
     out: dict[str, Factors] = {}
     shared: set[tuple[str, str]] = set()
@@ -230,19 +260,20 @@ def sglang_read(stem: str, tensors: dict[str, torch.Tensor], arch: ExpertsArch, 
             continue
         a, b = tensors[ka], tensors[kb]
         fin, fout = proj_dims(proj, arch)
-        ar = 2 * r if proj == "gate_up" else r
-        for key, t, tail in ((ka, a, (ar, fin)), (kb, b, (fout, r))):
-            if t.dim() != 3 or tuple(t.shape[1:]) != tail or t.shape[0] not in (1, num_e):
+        a_rows = (r, 2 * r) if proj == "gate_up" else (r,)
+        for key, t, rows, cols in ((ka, a, a_rows, fin), (kb, b, (fout,), r)):
+            if t.dim() != 3 or t.shape[1] not in rows or t.shape[2] != cols or t.shape[0] not in (1, num_e):
+                want = " or ".join(f"[1|{num_e}, {n}, {cols}]" for n in rows)
                 raise AdapterFormatError(
                     f"{key}: shape {list(t.shape)} disagrees with r={r} and experts_arch[{stem!r}] "
-                    f"(E={num_e}, H={hid}, I={inter}): expected [1|{num_e}, {tail[0]}, {tail[1]}]"
+                    f"(E={num_e}, H={hid}, I={inter}): expected {want}"
                 )
         if a.shape[0] == 1 and num_e > 1:
             shared.add((proj, "A"))
         if b.shape[0] == 1 and num_e > 1:
             shared.add((proj, "B"))
         a, b = full(a, num_e), full(b, num_e)
-        if proj == "gate_up":
+        if proj == "gate_up" and a.shape[1] == 2 * r:
             first, second = a[:, :r], a[:, r:]
             if torch.equal(first, second):
                 a = first
@@ -253,3 +284,46 @@ def sglang_read(stem: str, tensors: dict[str, torch.Tensor], arch: ExpertsArch, 
                 b = bb
         out[proj] = (a.contiguous(), b.contiguous())
     return out, shared
+
+
+# ----------------------------------------------------------------------------- SGLang dense stacks
+# SGLang 0.5.23 (srt/lora/lora.py): normalize_qkv_proj stacks q, k, v into qkv_proj from the q_proj
+# key and looks v_proj up beside it (KeyError when absent; k is zero-filled); normalize_gate_up_proj
+# stacks from the gate_proj key (a missing up is zero-filled). k / v without q and up without gate
+# stay unstacked, match no target module and are skipped. So every member of a group is written.
+SGLANG_STACKS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_SAME_OUT = {"k_proj": "v_proj", "v_proj": "k_proj", "gate_proj": "up_proj", "up_proj": "gate_proj"}
+
+
+def sglang_dense_partners(tensors: dict[str, torch.Tensor], out_features=None) -> dict[str, torch.Tensor]:
+    """Zero ``lora_A [r, in]`` / ``lora_B [out, r]`` for the members of a q/k/v or gate/up group
+    that ``tensors`` (dense PEFT names) lacks where it has another member. ``in`` is the present
+    member's (all members read the same input); ``out`` is that of the member with equal output
+    (k/v, gate/up) when present, else ``out_features(name)`` (``name`` a leaf such as "v_proj";
+    None or a missing answer: AdapterFormatError naming the module)."""
+    suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
+    out: dict[str, torch.Tensor] = {}
+    for key in tensors:
+        if not key.endswith(suffix_a) or tensors[key].dim() != 2:
+            continue
+        parent, _, leaf = key[: -len(suffix_a)].rpartition(".")
+        group = next((g for g in SGLANG_STACKS if leaf in g), None)
+        if group is None:
+            continue
+        a = tensors[key]
+        for name in group:
+            ka, kb = f"{parent}.{name}{suffix_a}", f"{parent}.{name}{suffix_b}"
+            if ka in tensors or ka in out:
+                continue
+            twin = f"{parent}.{_SAME_OUT.get(name, '')}{suffix_b}"
+            if twin in tensors:
+                n_out = tensors[twin].shape[0]
+            else:
+                n_out = out_features(name) if out_features is not None else None
+                if not isinstance(n_out, int) or n_out < 1:
+                    raise AdapterFormatError(
+                        f"{key}: SGLang stacks {'/'.join(group)} together and needs a zero {name} LoRA beside "
+                        f"{leaf}, but the output size of {parent}.{name} is unknown here")
+            out[ka] = a.new_zeros(a.shape)
+            out[kb] = a.new_zeros(n_out, a.shape[0])
+    return out

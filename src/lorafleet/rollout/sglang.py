@@ -6,8 +6,10 @@ python/sglang/srt/managers/io_struct.py ``GenerateReqInput`` / ``LoadLoRAAdapter
 python/sglang/srt/sampling/sampling_params.py, and the /generate JSON contract in
 python/sglang/api/v1/api_types.py, which refuses unknown ``sampling_params`` keys with a 400):
 
-- push: the ``sglang`` snapshot is written atomically (``Snapshot.write``) to
-  ``adapter_dir/<name@vN>``, then ``{"lora_name", "lora_path", "pinned"}`` is posted. SGLang has
+- push: the ``sglang`` snapshot, with zero LoRAs for the q/k/v and gate/up members it lacks beside
+  a targeted one (SGLang stacks those groups: ``with_stack_partners``), is written atomically
+  (``Snapshot.write``) to ``adapter_dir/<name@vN>``, then ``{"lora_name", "lora_path", "pinned"}``
+  is posted. SGLang has
   no in-place reload (a loaded name is refused: "already loaded"), so every version gets its own
   name ``name@vN`` (rollout/versions.py) and an old one is unloaded
   (``/unload_lora_adapter {"lora_name"}``) once no request of ours uses it.
@@ -25,6 +27,7 @@ and then stops with a resumable checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
+from ..adapters.formats_layouts import sglang_dense_partners
 from ..engine.snapshot import Snapshot
 from .base import RolloutError
 from .versions import AdapterVersions, check_max_versions
@@ -121,7 +125,11 @@ class SGLangEngine:
         if isinstance(limit, int) and snap.rank > limit:
             raise RolloutError(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above the server's "
                                f"--max-lora-rank {limit}")
-        refused = sglang_cannot_load(snap)
+        try:
+            snap = with_stack_partners(snap, self._base_config())
+        except ValueError as e:
+            raise RolloutError(f"{self.where}: adapter {snap.name!r}: {e}") from None
+        refused = sglang_cannot_load(snap, self.server_info)
         if refused:
             raise RolloutError(f"{self.where}: adapter {snap.name!r}: {refused}")
         self.versions.push(snap.name, snap.version, snap)
@@ -179,6 +187,16 @@ class SGLangEngine:
     @property
     def where(self) -> str:
         return f"rollout engine sglang at {self.url}"
+
+    def _base_config(self) -> dict:
+        """The base's config.json (what SGLang sizes its LoRA buffers from), {} if unreadable."""
+        if not hasattr(self, "_base_cfg"):
+            try:
+                cfg = json.loads((Path(self.base_dir) / "config.json").read_text())
+            except (OSError, ValueError):
+                cfg = {}
+            self._base_cfg = cfg if isinstance(cfg, dict) else {}
+        return self._base_cfg
 
     def _adapter(self, adapter: str | None):
         if adapter is None:
@@ -273,28 +291,56 @@ class _NoAdapter:
         return False
 
 
-def sglang_cannot_load(snap: Snapshot) -> str | None:
-    """What SGLang 0.5.23's LoRA loader is known to refuse in this snapshot (found by running its
-    code on lorafleet's exports: tests/test_rollout_sglang.py, slow), said before a push rather
-    than as SGLang's bare KeyError / shape assertion."""
-    has = snap.tensors.__contains__
-    for key in snap.tensors:
-        if ".q_proj.lora_A." in key and not has(key.replace(".q_proj.", ".v_proj.")):
-            return ("it targets q_proj without v_proj, which SGLang's loader cannot stack into qkv_proj "
-                    "(KeyError in normalize_qkv_proj); add v_proj to target_modules")
-        for part in (".k_proj.", ".v_proj."):  # stacked only next to q_proj, else silently skipped
-            if part + "lora_A." in key and not has(key.replace(part, ".q_proj.")):
-                return (f"it targets {part.strip('.')} without q_proj: SGLang stacks k/v into qkv_proj only "
-                        "next to q_proj and skips them otherwise (the engine would sample without them); "
-                        "add q_proj to target_modules")
-        if ".mlp.up_proj.lora_A." in key and not has(key.replace(".up_proj.", ".gate_proj.")):
-            return ("it targets up_proj without gate_proj: SGLang stacks up into gate_up_proj only next to "
-                    "gate_proj and skips it otherwise (the engine would sample without it); add gate_proj")
-    if (snap.meta or {}).get("expert_sharing") == "shared_outer" and any(
-            k.endswith("experts.gate_up_proj.lora_A.weight") and t.dim() == 3 and t.shape[1] != snap.rank
-            for k, t in snap.tensors.items()):
-        return ("expert_sharing shared_outer: the export's gate_up lora_A has 2r rows, which SGLang repeats to 4r "
-                "against its shared-outer pool's 2r; use expert_sharing none or shared_a with SGLang")
+def with_stack_partners(snap: Snapshot, base_config: dict) -> Snapshot:
+    """The snapshot with zero LoRA factors for the q/k/v and gate/up members it lacks beside a
+    targeted one (adapters/formats_layouts.sglang_dense_partners: SGLang 0.5.23 stacks these groups
+    and fails on, or skips, an incomplete one; a zero LoRA changes nothing), their names added to
+    ``target_modules``. Output sizes no present member gives come from the base's config.json as
+    SGLang computes them (``get_default_hidden_dim``). ValueError when they cannot be known."""
+    cfg = base_config.get("text_config") if isinstance(base_config.get("text_config"), dict) else base_config
+
+    def out_features(name):
+        try:
+            head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+            heads = cfg["num_attention_heads"] if name == "q_proj" else cfg["num_key_value_heads"]
+            return int(head) * int(heads) if name in ("q_proj", "k_proj", "v_proj") else None
+        except (KeyError, TypeError, ZeroDivisionError):
+            return None
+
+    partners = sglang_dense_partners(snap.tensors, out_features)
+    if not partners:
+        return snap
+    names = {k[: -len(".lora_A.weight")].rsplit(".", 1)[-1] for k in partners if k.endswith(".lora_A.weight")}
+    targets = snap.config.get("target_modules")
+    config = {**snap.config, "target_modules": sorted(set(targets) | names) if isinstance(targets, list) else targets}
+    return dataclasses.replace(snap, tensors={**snap.tensors, **partners}, config=config)
+
+
+def sglang_cannot_load(snap: Snapshot, server_info: dict) -> str | None:
+    """What SGLang 0.5.23 would load wrongly or refuse, said before the push. Its MoE LoRA pool is
+    either per-expert or shared-outer for the whole server (``--experts-shared-outer-loras``,
+    ``experts_shared_outer_loras`` in /server_info; None: detected from the adapters given at
+    start). The per-expert pool copies expert e of a 3-D tensor into expert e only, so a
+    shared-outer export (gate_up lora_A of expert dim 1) would give its shared factors to expert 0
+    alone; the shared-outer pool refuses a per-expert one."""
+    if "experts_shared_outer_loras" not in server_info:
+        return None  # an older server, or none answered /server_info: its load decides
+    mode = server_info["experts_shared_outer_loras"]
+    def factors(suffix):
+        return [t for k, t in snap.tensors.items() if k.endswith(suffix) and t.dim() == 3]
+
+    gate_up_a, down_a = factors("experts.gate_up_proj.lora_A.weight"), factors("experts.down_proj.lora_A.weight")
+    if not gate_up_a:
+        return None
+    # formats_layouts.sglang_write: expert dim 1 (on a base of several experts) only when shared-outer
+    shared_outer = any(t.shape[0] == 1 for t in gate_up_a) and any(t.shape[0] > 1 for t in down_a)
+    if shared_outer and mode is not True:
+        return ("expert_sharing shared_outer: its shared gate_up A / down B need SGLang's shared-outer pool, but the "
+                f"server's experts_shared_outer_loras is {mode!r} (its per-expert pool would give them to expert 0 "
+                "only); start it with --experts-shared-outer-loras")
+    if mode is True and not shared_outer and any(t.shape[0] > 1 for t in gate_up_a):
+        return ("its experts LoRA is per expert, but the server runs the shared-outer pool "
+                "(--experts-shared-outer-loras), which takes only expert_sharing shared_outer adapters")
     return None
 
 
