@@ -354,6 +354,23 @@ def test_another_base_or_no_engine_refuses_to_start(tmp_path, monkeypatch):
         build_service(BASE, cfg, log_fn=lambda *a: None)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--rollout-url", "localhost:8001"], r"--rollout-url must be an http\(s\):// URL"),
+    (["--rollout-url", "http://x", "--rollout-retries", "-1"], r"--rollout-retries must be >= 0"),
+    (["--rollout-url", "http://x", "--rollout-max-rank", "-2"], r"--rollout-max-rank must be >= 1"),
+    (["--rollout-url", "http://x", "--rollout-max-rank", "4"],
+     r"--max-rank 8 is above the engine's --rollout-max-rank 4"),
+])
+def test_bad_rollout_flags_are_one_line_before_the_base_loads(tmp_path, monkeypatch, capsys, flags, message):
+    from lorafleet import cli
+    from lorafleet.service import server
+
+    monkeypatch.setattr(server, "load_service_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    assert cli.main(["serve", "--data-dir", str(tmp_path), "--base", BASE, "--max-rank", "8", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.match(r"lorafleet serve: error: " + message, err), err
+
+
 def test_an_unreachable_engine_is_one_line_naming_it(tmp_path, monkeypatch):
     """The real vLLM sink on a port nothing listens on: the service does not start (`lorafleet
     serve` prints this ValueError as its one error line)."""

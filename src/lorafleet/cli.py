@@ -155,6 +155,11 @@ def _check_serve_limits(args) -> None:
 
 def _serve(args) -> int:
     _check_serve_limits(args)
+    if args.rollout_url:  # before the base loads
+        from .service.rollout_sampling import check_rollout_flags
+
+        check_rollout_flags(args.rollout_url, args.rollout_engine, args.max_rank, args.rollout_max_rank,
+                            args.rollout_retries)
     _threads(args, builtin_base=args.base is None or not Path(args.base).is_dir())
     kwargs = dict(host=args.host, port=args.port, data_dir=args.data_dir, base=args.base, api_keys=args.api_keys,
                   max_adapters=args.max_adapters, max_rank=args.max_rank, aliases=args.alias,

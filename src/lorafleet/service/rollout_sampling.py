@@ -343,23 +343,31 @@ class EngineSampling:
             log.warning("%s: close failed: %s", self.where, _one_line(e))
 
 
+def check_rollout_flags(url: str, engine: str, max_rank: int, rollout_max_rank: int, retries: int) -> int:
+    """The ``--rollout-*`` flags checked (ValueError, one line; `lorafleet serve` checks them before
+    the base loads); returns the engine's max LoRA rank."""
+    if engine not in ENGINE_KINDS:
+        raise ValueError(f"--rollout-engine must be one of {', '.join(ENGINE_KINDS)}, got {engine!r}")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--rollout-url must be an http(s):// URL such as http://127.0.0.1:8001, got {url!r}")
+    if retries < 0:
+        raise ValueError(f"--rollout-retries must be >= 0, got {retries}")
+    if rollout_max_rank < 0:
+        raise ValueError(f"--rollout-max-rank must be >= 1 (0: the server's --max-rank), got {rollout_max_rank}")
+    engine_rank = rollout_max_rank or max_rank
+    if engine_rank < max_rank:
+        raise ValueError(f"--max-rank {max_rank} is above the engine's --rollout-max-rank {engine_rank}: adapters "
+                         f"of a higher rank could not be pushed; lower --max-rank to {engine_rank} or restart the "
+                         f"engine with --max-lora-rank {max_rank}")
+    return engine_rank
+
+
 def start_engine_sampling(service) -> EngineSampling:
     """The engine of ``--rollout-url`` / ``--rollout-engine``, checked to serve the service's base;
     ValueError (one line) if it cannot be used."""
     c = service.config
-    if c.rollout_engine not in ENGINE_KINDS:
-        raise ValueError(f"--rollout-engine must be one of {', '.join(ENGINE_KINDS)}, got {c.rollout_engine!r}")
-    if not c.rollout_url.startswith(("http://", "https://")):
-        raise ValueError(f"--rollout-url must be an http(s):// URL, got {c.rollout_url!r}")
-    if c.rollout_retries < 0:
-        raise ValueError(f"--rollout-retries must be >= 0, got {c.rollout_retries}")
-    max_rank = c.rollout_max_rank or c.max_rank
-    if max_rank < 0 or c.rollout_max_rank < 0:
-        raise ValueError(f"--rollout-max-rank must be >= 1 (0: the server's --max-rank), got {c.rollout_max_rank}")
-    if max_rank < c.max_rank:
-        raise ValueError(f"--max-rank {c.max_rank} is above the engine's --rollout-max-rank {max_rank}: adapters of "
-                         f"a higher rank could not be pushed; lower --max-rank to {max_rank} or restart the engine "
-                         f"with --max-lora-rank {c.max_rank}")
+    max_rank = check_rollout_flags(c.rollout_url, c.rollout_engine, c.max_rank, c.rollout_max_rank,
+                                   c.rollout_retries)
     url = c.rollout_url.rstrip("/")
     adapter_dir = str(Path(c.data_dir) / "rollout_adapters")
     base_dir = service.base_name if Path(service.base_name).is_dir() else adapter_dir  # SGLang reads its config
