@@ -49,7 +49,8 @@ for job in json.loads(sys.argv[1]):
     helper.validate_legal(LoRAConfig(max_lora_rank=16, max_loras=1, enable_mixed_moe_lora_format=True))
     mapper = getattr(cls, "hf_to_vllm_mapper", None)
     lora = LoRAModel.from_local_checkpoint(job["path"], expected, helper, lora_model_id=1, device="cpu",
-                                           dtype=torch.float32, weights_mapper=mapper.get_rename_mapper() if mapper else None)
+                                           dtype=torch.float32,
+                                           weights_mapper=mapper.get_rename_mapper() if mapper else None)
     out[job["path"]] = {n: [list(w.lora_a.shape), list(w.lora_b.shape)] for n, w in lora.loras.items()}
 print("LOADED " + json.dumps(out))
 """

@@ -35,7 +35,8 @@ def make_engine(spec: dict, *, base_dir: str, max_rank: int) -> RolloutEngine:
         raise RolloutUnavailable(
             f"rollout engine {name!r} is not available in this version of lorafleet"
             + (": its sink is not built yet" if name in ENGINES else "")
-            + f" (available engines: {', '.join(BUILT)}); remove the rollout: block to sample with the built-in sampler")
+            + f" (available engines: {', '.join(BUILT)}); remove the rollout: block to sample with the "
+            "built-in sampler")
     opts = {k: v for k, v in spec.items() if k != "engine"}
     unknown = sorted(set(opts) - set(OPTIONS[name]))
     if unknown:

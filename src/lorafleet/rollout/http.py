@@ -83,7 +83,8 @@ class EngineHTTP:
         except urllib.error.URLError as e:
             raise RolloutError(f"{where}: unreachable ({_reason(e.reason)})") from None
         except (socket.timeout, TimeoutError):
-            raise RolloutError(f"{where}: no answer within {self.timeout if timeout is None else timeout:g} s") from None
+            waited = self.timeout if timeout is None else timeout
+            raise RolloutError(f"{where}: no answer within {waited:g} s") from None
         except (ConnectionError, OSError) as e:  # reset mid-answer, etc.
             raise RolloutError(f"{where}: connection failed ({_reason(e)})") from None
         text = raw.decode("utf-8", "replace")

@@ -55,7 +55,8 @@ class VLLMServer:
         for field, v in (("max_lora_rank", max_lora_rank), ("max_loras", max_loras)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {v!r}")
-        if extra_args is not None and not (isinstance(extra_args, list) and all(isinstance(a, str) for a in extra_args)):
+        if extra_args is not None and not (isinstance(extra_args, list)
+                                           and all(isinstance(a, str) for a in extra_args)):
             raise ValueError(f"extra_args must be a list of strings (vllm serve flags), got {extra_args!r}")
         self.base_dir = Path(base_dir)
         if not (self.base_dir / "config.json").is_file():
@@ -77,7 +78,9 @@ class VLLMServer:
         self.args = args + list(extra_args or [])
         self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", **(env or {})}
         self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; CPU only (a GPU ignores it)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="lorafleet-vllm-", suffix=".log")[1])
+        if log_path is None:
+            log_path = tempfile.mkstemp(prefix="lorafleet-vllm-", suffix=".log")[1]
+        self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self._finalizer = None
 
