@@ -108,9 +108,10 @@ def test_dense_partners_are_zero_factors_of_the_right_shapes(names, added, asked
     tensors = _dense(*names)
     calls = []
 
-    def out_features(name):
-        calls.append(name)
-        return {"q_proj": 8, "k_proj": 4, "v_proj": 4}[name]
+    def out_features(path):
+        calls.append(path.rsplit(".", 1)[-1])
+        assert path.startswith("model.layers.0.self_attn.")  # the missing module's own path
+        return {"q_proj": 8, "k_proj": 4, "v_proj": 4}[path.rsplit(".", 1)[-1]]
 
     got = sglang_dense_partners(tensors, out_features)
     want_keys = set()

@@ -224,6 +224,20 @@ def test_incomplete_qkv_and_gate_up_groups_are_pushed_with_zero_partners(base, t
         eng.close()
 
 
+def test_a_zero_partner_of_unknown_size_is_refused_at_the_push_in_one_line(base, tmp_path):
+    d, _ = base
+    fleet, _ = _trained("qwen3", ["q_proj"])
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))  # no attention geometry
+    with FakeSGLang(d) as fake:
+        eng = _engine(fake, tmp_path)
+        with pytest.raises(RolloutError, match=r"^rollout engine sglang at .*: adapter 'a': .*q_proj.lora_A.weight: "
+                                               r"SGLang stacks q_proj/k_proj/v_proj together and needs a zero k_proj "
+                                               r"LoRA beside q_proj, but the output size of .*k_proj is unknown here$"):
+            eng.push(fleet.snapshot("a", layout="sglang"))
+        assert _bodies(fake, "/load_lora_adapter") == []
+        eng.close()
+
+
 def test_a_push_needs_the_servers_moe_pool_to_match_the_experts_layout(base):
     """SGLang's MoE LoRA pool is per-expert or shared-outer for the whole server; the per-expert
     one would give a shared-outer adapter's shared factors to expert 0 only."""

@@ -299,8 +299,9 @@ def sglang_dense_partners(tensors: dict[str, torch.Tensor], out_features=None) -
     """Zero ``lora_A [r, in]`` / ``lora_B [out, r]`` for the members of a q/k/v or gate/up group
     that ``tensors`` (dense PEFT names) lacks where it has another member. ``in`` is the present
     member's (all members read the same input); ``out`` is that of the member with equal output
-    (k/v, gate/up) when present, else ``out_features(name)`` (``name`` a leaf such as "v_proj";
-    None or a missing answer: AdapterFormatError naming the module)."""
+    (k/v, gate/up) when present, else ``out_features(path)`` (``path`` the missing module's, e.g.
+    ``"model.layers.0.self_attn.v_proj"``; None, or an answer that is not a positive int:
+    AdapterFormatError naming the module)."""
     suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
     out: dict[str, torch.Tensor] = {}
     for key in tensors:
@@ -319,7 +320,8 @@ def sglang_dense_partners(tensors: dict[str, torch.Tensor], out_features=None) -
             if twin in tensors:
                 n_out = tensors[twin].shape[0]
             else:
-                n_out = out_features(name) if out_features is not None else None
+                path = f"{parent}.{name}"
+                n_out = out_features(path[len(PREFIX):] if path.startswith(PREFIX) else path) if out_features else None
                 if not isinstance(n_out, int) or n_out < 1:
                     raise AdapterFormatError(
                         f"{key}: SGLang stacks {'/'.join(group)} together and needs a zero {name} LoRA beside "

@@ -299,7 +299,8 @@ def with_stack_partners(snap: Snapshot, base_config: dict) -> Snapshot:
     SGLang computes them (``get_default_hidden_dim``). ValueError when they cannot be known."""
     cfg = base_config.get("text_config") if isinstance(base_config.get("text_config"), dict) else base_config
 
-    def out_features(name):
+    def out_features(path):
+        name = path.rsplit(".", 1)[-1]
         try:
             head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
             heads = cfg["num_attention_heads"] if name == "q_proj" else cfg["num_key_value_heads"]
