@@ -187,3 +187,50 @@ def test_bad_options_and_a_missing_vllm_are_named(tmp_path, monkeypatch):
                     base_dir=str(tmp_path / "base"), max_rank=8)
     with pytest.raises(RolloutUnavailable, match="rollout engine 'vllm_local' is not available"):
         make_engine({"engine": "vllm_local"}, base_dir="", max_rank=8)
+
+
+FAKE_SERVER = r'''
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+port = int(sys.argv[sys.argv.index("--port") + 1])
+print("fake vLLM up", flush=True)
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, body):
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"data": [{"id": "base", "parent": None}]} if self.path == "/v1/models" else "")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/load_lora_adapter":
+            return self._send("Success: LoRA adapter added successfully.")
+        print("fake vLLM: engine core died", flush=True)
+        os._exit(7)
+
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def test_a_local_server_that_dies_mid_job_is_named_with_its_exit_code_and_log(tmp_path):
+    import sys
+
+    (tmp_path / "fake_vllm.py").write_text(FAKE_SERVER)
+    python = _fake_python(tmp_path, f'exec {sys.executable} {tmp_path / "fake_vllm.py"} "$@"\n')
+    eng = start_local_engine(_base(tmp_path), max_lora_rank=8, python=python, startup_timeout_s=60)
+    try:
+        assert eng.push(_snapshot()) == "a"  # started, ready, loads go through
+        with pytest.raises(RolloutError, match=r"POST /v1/completions: .*the vllm-local server exited with code 7 "
+                                               r"\(last log lines: .*engine core died"):
+            eng.generate("a", [[1, 2]], lf.SamplingParams(max_tokens=2), 1)
+    finally:
+        eng.close()
+    assert not _running_in_group(eng.server.proc.pid)

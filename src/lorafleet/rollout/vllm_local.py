@@ -153,7 +153,8 @@ def _signal_group(proc, sig) -> None:
 
 
 class VLLMLocalEngine(VLLMEngine):
-    """`VLLMEngine` on a server this process started; ``close()`` stops it."""
+    """`VLLMEngine` on a server this process started; ``close()`` stops it. A request that fails
+    because the server died says so, with its exit code and the tail of its log."""
 
     kind = "vllm-local"
 
@@ -162,12 +163,36 @@ class VLLMLocalEngine(VLLMEngine):
         self.server = server
         super().__init__(server.url, max_lora_rank=server.max_lora_rank, adapter_dir=adapter_dir,
                          timeout_s=timeout_s, max_versions=max_versions, max_loras=server.max_loras)
+        self.http = _WatchedHTTP(self.http, server)
 
     def close(self) -> None:
         try:
             self.server.stop()
         finally:
             super().close()
+
+
+class _WatchedHTTP:
+    """The engine's requests, with the server's death added to an error it caused."""
+
+    def __init__(self, http: EngineHTTP, server: VLLMServer):
+        self._http, self._server = http, server
+        self.url, self.engine = http.url, http.engine
+
+    def get(self, path, **kw):
+        return self._watch(self._http.get, path, **kw)
+
+    def post(self, path, body, **kw):
+        return self._watch(self._http.post, path, body, **kw)
+
+    def _watch(self, call, *args, **kw):
+        try:
+            return call(*args, **kw)
+        except RolloutError as e:
+            code = self._server.proc.poll() if self._server.proc is not None else None
+            if code is None:
+                raise
+            raise RolloutError(f"{e}; the vllm-local server exited with code {code} ({self._server.tail()})") from None
 
 
 def start_local_engine(base_dir, *, max_lora_rank: int, startup_timeout_s: float = 300.0,
