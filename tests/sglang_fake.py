@@ -151,11 +151,13 @@ class FakeSGLang:
         with self.lock:
             for name in {n for n in loras if n is not None}:
                 if not self.enable_lora:
-                    raise BadRequest(400, {"error": {"message": f"LoRA adapter '{name}' was requested, but LoRA is "
-                                                                "not enabled. Please launch the server with --enable-lora"}})
+                    raise BadRequest(400, {"error": {"message": f"LoRA adapter '{name}' was requested, but LoRA "
+                                                                "is not enabled. Please launch the server with "
+                                                                "--enable-lora"}})
                 if name not in self.loaded:
-                    raise BadRequest(400, {"error": {"message": f"The following requested LoRA adapters are not "
-                                                                f"loaded: {name}\nLoaded adapters: {list(self.loaded)}."}})
+                    raise BadRequest(400, {"error": {"message": "The following requested LoRA adapters are "
+                                                                f"not loaded: {name}\nLoaded adapters: "
+                                                                f"{list(self.loaded)}."}})
             sigs = [self.loaded.get(n, 0.0) if n else 0.0 for n in loras]
             for n in loras:
                 if n:

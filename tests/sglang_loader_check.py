@@ -43,7 +43,8 @@ def check_adapter(job):
             fin, fout = get_default_hidden_dim(module, base, layer_id)
             want = (c * r, fin) if "lora_A" in name else (fout, r)
             if tuple(w.shape) != want:
-                problems.append(f"{name}: SGLang's buffer for {module} takes {list(want)}, the weight is {list(w.shape)}")
+                problems.append(f"{name}: SGLang's buffer for {module} takes {list(want)}, "
+                                f"the weight is {list(w.shape)}")
     save_file(out, job["out"])
     return {"r": r, "alpha": config.lora_alpha, "targets": sorted(targets), "problems": problems,
             "shapes": {k: list(v.shape) for k, v in out.items()}}

@@ -176,9 +176,11 @@ def test_engine_errors_are_one_line_naming_the_answer(base, tmp_path):
         assert "\n" not in str(e.value)
         with pytest.raises(ValueError, match="adapter 'a' was never pushed"):
             eng.generate("a", [[1]], SamplingParams(), 1)
-        with pytest.raises(RolloutError, match=r"HTTP 400: unknown field `max_tokens`, expected one of `max_new_tokens`"):
+        with pytest.raises(RolloutError,
+                           match=r"HTTP 400: unknown field `max_tokens`, expected one of `max_new_tokens`"):
             eng._post("/generate", {"input_ids": [1, 2], "sampling_params": {"max_tokens": 2}})
-        with pytest.raises(RolloutError, match=r"HTTP 400: return_logprobs: GenerateReqInput has no field 'return_logprobs'$"):
+        with pytest.raises(RolloutError,
+                           match=r"HTTP 400: return_logprobs: GenerateReqInput has no field 'return_logprobs'$"):
             eng._post("/generate", {"input_ids": [1, 2], "return_logprobs": True})
         with pytest.raises(RolloutError, match=r"HTTP 400: The following requested LoRA adapters are not loaded: b@v0 "
                                                r"Loaded adapters"):
@@ -324,6 +326,7 @@ def test_the_fake_refuses_what_sglangs_contract_refuses():
 
 # ---- SGLang's own code, on CPU: `pip install sglang==0.5.23` into a separate environment (about
 # 11 GB; it pins its own torch) and point LORAFLEET_SGLANG_PYTHON at its python.
+NO_SGLANG = "set LORAFLEET_SGLANG_PYTHON to a python with sglang==0.5.23 installed (see docs/rollout_sglang.md)"
 SGLANG_PYTHON = os.environ.get("LORAFLEET_SGLANG_PYTHON")
 
 
@@ -349,7 +352,7 @@ def _sglang_check(job_path):
 @pytest.mark.slow
 def test_sglangs_loader_reads_the_exports_and_its_contract_admits_the_bodies(base, tmp_path):
     if not SGLANG_PYTHON:
-        pytest.skip("set LORAFLEET_SGLANG_PYTHON to a python with sglang==0.5.23 installed (see docs/rollout_sglang.md)")
+        pytest.skip(NO_SGLANG)
     from safetensors.torch import load_file
 
     cases = {"dense": ("qwen3", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], {}),
@@ -430,7 +433,7 @@ def test_sglangs_loader_takes_q_only_and_shared_outer_exports(tmp_path):
     """SGLang's loader on what the sink pushes for incomplete q/k/v and gate/up groups (zero
     partners, with_stack_partners) and on the MoE layouts of every expert_sharing mode."""
     if not SGLANG_PYTHON:
-        pytest.skip("set LORAFLEET_SGLANG_PYTHON to a python with sglang==0.5.23 installed (see docs/rollout_sglang.md)")
+        pytest.skip(NO_SGLANG)
     from safetensors.torch import load_file
 
     cases = {"q_only": ("qwen3", ["q_proj"], {}),
