@@ -137,7 +137,8 @@ class VLLMEngine:
 
     def unload(self, engine_name: str) -> None:
         """Unload one engine name (an old ``name@vN``) and remove its directory."""
-        self.http.post("/v1/unload_lora_adapter", {"lora_name": engine_name})
+        # a short timeout: close() unloads every adapter, and a vanished host must not hold it for long
+        self.http.post("/v1/unload_lora_adapter", {"lora_name": engine_name}, timeout=min(self.http.timeout, 30.0))
         path = self.paths.pop(engine_name, None)
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
