@@ -322,3 +322,23 @@ def test_a_forward_backward_that_does_not_fit_beside_a_decode_waits_for_it(sched
     assert got.json["loss:sum"] == pytest.approx(float(sum(fleet.forward_backward(ex, forward_only=True).losses)),
                                                   rel=1e-5)
     assert isinstance(s.futures.wait_sync(later, T), Result)
+
+
+def test_a_flooding_tenant_cannot_fill_the_decode_memory(sched):
+    from lorafleet.service.budget import MemoryBudget, ModelShape
+    from lorafleet.service.budget_fleet import BudgetedFleet
+
+    fleet = _fleet()
+    shape = ModelShape.of(fleet.model)
+    one = MemoryBudget(shape, 0, 0, 0).sample_bytes(4, 4, 60)
+    s = sched(BudgetedFleet(fleet, MemoryBudget(shape, 4 * one + one // 2, 0, 0)), decode_chunk_tokens=4)
+    s.pause()
+    flood = [_sample(s, "flood", n=4, max_tokens=60, seed=i) for i in range(8)]  # four fit at once, in step
+    s.resume()
+    _wait(lambda: len(s._decodes) == 4, "the flood's first four never ran")
+    # as big as one of the flood's: it starts as soon as memory frees, beside at most the flood's
+    # share (half the budget), not after the flood's other four (which took all of it before)
+    small = _sample(s, "small", n=4, max_tokens=60, seed=99)
+    assert isinstance(s.futures.wait_sync(small, T), Result)
+    pending = sum(s.futures.peek(r) is None for r in flood)
+    assert pending >= 2, f"the small tenant waited until {8 - pending} of the flood's 8 requests had finished"

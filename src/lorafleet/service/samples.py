@@ -101,6 +101,7 @@ class SampleRunning:
                         "or jobs; close some training clients (their sessions) and retry", "user"))
             except Exception as e:  # noqa: BLE001
                 self.futures.complete(op.rid, Failure(str(e), "user"))
+        self._sampling_tenants = {op.tenant for op in live}  # who wants decode memory this cycle
         batches: dict[tuple, list[Op]] = {}
         for op in live:
             p: SamplingParams = op.sample["params"]
@@ -198,13 +199,29 @@ class SampleRunning:
             out.append((g, p, need(g)))
         return out
 
+    def _memory_waits(self, group: list[Op], need: int, budget) -> bool:
+        """Whether a new decode batch must wait for running decodes to free memory: it does not fit
+        beside them, a forward_backward waits for them, or one of its tenants already holds a
+        running decode and would pass its share of the budget (the budget over the tenants that
+        want decode memory), so a flooding tenant's decodes cannot fill the memory others need."""
+        if not self._decodes or budget is None:
+            return False  # one decode always may run: it was checked alone at the door
+        if sum(d.bytes for d in self._decodes) + need > budget.work or self.fwd_waits_for_memory:
+            return True
+        wanting = {t for d in self._decodes for t in d.tenants} | self._sampling_tenants
+        share = budget.work / max(1, len(wanting))
+        for t in {op.tenant for op in group}:
+            mine = sum(d.bytes for d in self._decodes if t in d.tenants)
+            if mine and mine + need > share:
+                return True
+        return False
+
     def _start_decodes(self, ops_: list[Op], params: SamplingParams):
-        """Start the batch's decodes; a group that would take the memory running decodes still
-        hold waits for them (one decode always may run: it was checked alone at the door)."""
+        """Start the batch's decodes; a group that must wait for memory (`_memory_waits`) is
+        retried next cycle."""
         budget = getattr(self.fleet, "budget", None)
         for group, p, need in self._budget_groups(ops_, params):
-            held = sum(d.bytes for d in self._decodes)
-            if self._decodes and budget is not None and (held + need > budget.work or self.fwd_waits_for_memory):
+            if self._memory_waits(group, need, budget):
                 with self._cond:
                     self._mem_wait.extend(group)
                 continue

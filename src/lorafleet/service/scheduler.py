@@ -83,6 +83,7 @@ class Scheduler(SampleRunning):
         self._mem_wait: list[Op] = []  # samples whose decode batch waits for running ones to free memory
         self._drop_after_decode: set[str] = set()  # sampler weights dropped while a decode still reads them
         self._fwd_blocked: set[str] = set()  # forward_backward requests that did not fit beside the decodes
+        self._sampling_tenants: set[str] = set()  # tenants whose samples this cycle starts or retries
         # a sample whose sampler weights find every slot held waits this long for one, then fails
         self.slot_wait_s = slot_wait_s
         self._slot_wait: list[Op] = []  # those samples, oldest first; retried every cycle
