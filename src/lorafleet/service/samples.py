@@ -32,7 +32,9 @@ class PoolFull(UserError):
 
 class SampleRunning:
     """Needs the `Scheduler`'s fleet, futures, _cond, _decodes, _mem_wait, _slot_wait,
-    _sampler_lru, _sampler_loaders, _drop_after_decode, _drr, stats and settings."""
+    _sampler_lru, _sampler_loaders, _drop_after_decode, _sampling_tenants, _drr,
+    fwd_waits_for_memory, stats and settings. A decode's held memory is its whole
+    ``sample_bytes`` estimate (prefill included): conservative, it only limits concurrency."""
 
     # ------------------------------------------------------------------ sampling
     def ensure_sampler_adapter(self, adapter: str, keep: set[str]) -> None:
