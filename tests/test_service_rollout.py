@@ -293,7 +293,8 @@ def test_a_closed_session_unloads_only_after_its_requests_finish(engine_server):
             tc.forward_backward([datum(tok, "the cat")], "cross_entropy").result(timeout=T)
             tc.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=T)
             assert any(p.in_flight for p in svc.rollout._adapters.values())  # still held by the engine
-            session_id = last_sampler_id(svc).split(":")[0]
+            sid = last_sampler_id(svc)
+            session_id = sid.split(":")[0]
             svc.futures.wait_sync(svc.finish_session("alice", session_id), T)
             time.sleep(0.5)  # the session is finished, its request still runs: nothing unloaded
             assert name not in engine.unloads and name not in svc.rollout.loaded().values()
@@ -305,6 +306,12 @@ def test_a_closed_session_unloads_only_after_its_requests_finish(engine_server):
         while name not in engine.unloads:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # a later request for that sampler is the caller's mistake, named; nothing is pushed again
+        pushes = len(engine.pushes)
+        body = {"sampling_session_id": sid, "num_samples": 1, "sampling_params": {"max_tokens": 2},
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt.to_ints()}]}}
+        out = svc.futures.wait_sync(svc.asample("alice", body)["request_id"], T)
+        assert out.category == "user" and "session is closed" in out.error and len(engine.pushes) == pushes
 
 
 def test_sglang_gets_its_own_layout_and_its_options(tmp_path, monkeypatch):

@@ -72,6 +72,10 @@ class _Pushed:
     dropped: bool = False
 
 
+class _SessionClosed(Exception):
+    """A request for a sampler whose session closed (the caller's mistake, not the engine's)."""
+
+
 def engine_name(key: str) -> str:
     """The engine's name for a sampler's weights: unique per tenant and sampler, and safe as a file
     name and URL part (keys hold ``/`` and ``:``)."""
@@ -114,6 +118,7 @@ class EngineSampling:
         self.where = f"rollout engine {kind} at {url}"
         self._lock = threading.Lock()
         self._adapters: dict[str, _Pushed] = {}  # sampler adapter_key -> its adapter in the engine
+        self._closed: set[str] = set()  # keys of samplers whose session closed (never pushed again)
         self._failed: tuple[int, str, float] | None = None  # (status, message, when) of the last failure
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafleet-rollout")
         self._running = 0  # engine jobs started and not finished (close waits for them)
@@ -200,8 +205,8 @@ class EngineSampling:
     def _entry(self, key: str, source_dir: str) -> _Pushed:
         with self._lock:
             p = self._adapters.get(key)
-            if p is not None and p.dropped:  # its session closed; its name is being unloaded
-                raise RuntimeError("the sampler's session is closed: create a new sampling client")
+            if key in self._closed:  # its session closed; its name is unloaded (or being unloaded)
+                raise _SessionClosed("this sampler's session is closed: create a new sampling client")
             if p is None or (p.done.is_set() and p.error is not None):
                 p = self._adapters[key] = _Pushed(engine_name(key), source_dir=source_dir)
                 start = True
@@ -264,6 +269,8 @@ class EngineSampling:
             self.stats["samples"] += 1
             self.service.futures.complete(rid, Result(body=protocol.encode_sample_response(seqs[0], plp),
                                                       content_type=protocol.PROTO_CONTENT_TYPE))
+        except _SessionClosed as e:
+            self.service.futures.complete(rid, Failure(str(e), "user"))
         except Exception as e:  # noqa: BLE001  (an engine answer or a malformed one: never a traceback)
             self.stats["failures"] += 1
             msg = f"{self.where}: {_one_line(e)}; the request can be sent again"
@@ -293,6 +300,7 @@ class EngineSampling:
     def drop(self, key: str) -> None:
         """The sampler is gone (its session closed): unload its adapter once no request uses it."""
         with self._lock:
+            self._closed.add(key)
             p = self._adapters.get(key)
             if p is None or p.dropped:
                 return
