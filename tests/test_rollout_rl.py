@@ -60,18 +60,14 @@ def test_no_rollout_block_keeps_the_resume_hash(tmp_path):
     assert RLJob(with_engine, progress=False, log=lambda *a: None).config_hash == want
 
 
-# ---- the engine path, with an in-process fake engine wrapping the trainer's own sampler.
-# Part A's lorafleet.rollout (RolloutError) and Fleet.snapshot / adapter_version are stood in
-# for here (a module in sys.modules, versions counted at optim_step) until they are committed.
+# ---- the engine path, with an in-process fake engine wrapping the trainer's own sampler, behind
+# the real lorafleet.rollout (make_engine patched) and the fleet's real snapshots and versions.
 import sys
 import types
 
+import lorafleet.rollout as rollout
 from lorafleet.engine import Fleet
 from lorafleet.engine.sampling import SampledSequence, SampleRequest
-
-
-class FakeRolloutError(RuntimeError):
-    pass
 
 
 class FakeEngine:
@@ -80,15 +76,18 @@ class FakeEngine:
 
     def __init__(self, fail_generate_from=None):
         self.fleet, self.pushed, self.generated, self.fail_from = None, [], 0, fail_generate_from
+        self.refuse_push = None
 
     def push(self, snap):
         self.pushed.append((snap.name, snap.version))
+        if self.refuse_push:
+            raise rollout.RolloutRefused(self.refuse_push)
         return snap.name
 
     def generate(self, adapter, prompts, params, n):
         self.generated += 1
         if self.fail_from is not None and self.generated >= self.fail_from:
-            raise FakeRolloutError("HTTP 500 {'error': 'engine is down'}")
+            raise rollout.RolloutError("HTTP 500 {'error': 'engine is down'}")
         res = self.fleet.sample([SampleRequest(adapter, p, n) for p in prompts], params)
         return [[SampledSequence(s.tokens, [lp + self.OFFSET for lp in s.logprobs], s.stop_reason, None)
                  for s in g] for g in res]
@@ -100,31 +99,12 @@ class FakeEngine:
 @pytest.fixture
 def fake_rollout(monkeypatch):
     engine = FakeEngine()
-    mod = types.ModuleType("lorafleet.rollout")
-    mod.RolloutError = FakeRolloutError
 
     def make_engine(spec, *, base_dir, max_rank):
         assert (base_dir and max_rank == 8)
         return engine
 
-    mod.make_engine = make_engine
-    monkeypatch.setitem(sys.modules, "lorafleet.rollout", mod)
-    versions = {}
-    real_step = Fleet.optim_step
-
-    def optim_step(self, adapters=None):
-        out = real_step(self, adapters)
-        for n, m in out.items():
-            if not m.get("skipped"):
-                versions[n] = versions.get(n, 0) + 1
-        return out
-
-    def snapshot(self, name, layout="peft"):
-        return types.SimpleNamespace(name=name, layout=layout, version=versions.get(name, 0))
-
-    monkeypatch.setattr(Fleet, "optim_step", optim_step)
-    monkeypatch.setattr(Fleet, "adapter_version", lambda self, n: versions.get(n, 0), raising=False)
-    monkeypatch.setattr(Fleet, "snapshot", snapshot, raising=False)
+    monkeypatch.setattr(rollout, "make_engine", make_engine)
     real_rollouts = RLJob._start_engine
 
     def start(self):
@@ -163,6 +143,17 @@ def test_engine_failure_stops_with_a_resumable_checkpoint(tmp_path, fake_rollout
     fake_rollout.fail_from = None
     summary = RLJob(load_rl_config(tmp_path / "rl.yaml"), resume=True, progress=False, log=lambda *a: None).run()
     assert sorted(summary["adapters"]) == ["ppo", "up"]
+
+
+def test_a_refused_push_stops_at_once_without_retries(tmp_path, fake_rollout):
+    """A refusal no retry can change (rank above the engine's limit, no LoRA) stops the job at its
+    first push with the engine's answer instead of retrying it."""
+    fake_rollout.refuse_push = "adapter 'up' has rank 8, above the engine's --max-lora-rank 4"
+    cfg = load_rl_config(_with(tmp_path, {"engine": "vllm", "url": "http://fake", "retries": 3,
+                                          "retry_wait_s": 0}))
+    with pytest.raises(ValueError, match=r"push of adapter .* refused: .*above the engine's --max-lora-rank 4"):
+        RLJob(cfg, progress=False, log=lambda *a: None).run()
+    assert len(fake_rollout.pushed) == 1
 
 
 def test_no_rollout_block_never_touches_an_engine(tmp_path, monkeypatch):

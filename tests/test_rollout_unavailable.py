@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_an_engine_without_a_sink_is_refused_by_name():
-    assert set(ENGINES) == {"vllm", "vllm-local", "sglang"}
+    assert set(ENGINES) == {"vllm", "vllm-local", "vllm-inprocess", "sglang"}
     with pytest.raises(RolloutUnavailable, match="rollout engine 'tgi' is not available"):
         make_engine({"engine": "tgi", "url": "http://127.0.0.1:9"}, base_dir="/nonexistent", max_rank=8)
 

@@ -21,3 +21,24 @@ def test_replaced_weights_are_a_new_version(tmp_path):
     fleet.remove_adapter("b")
     fleet.load_adapter("b", tmp_path / "b")
     assert fleet.adapter_version("b") == 1 and fleet.changed_since({"a": 2, "b": 0}) == {"b"}
+
+
+def test_restored_state_is_a_new_version(tmp_path):
+    """load_state puts a checkpoint's weights in place: even at the step count the adapter already
+    had, a rollout engine must see it as changed (else it keeps sampling the weights before)."""
+    fleet = lf.Fleet(build_debug_model("qwen3"), max_adapters=2, max_rank=8)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=4, target_modules=["q_proj"], seed=0))
+    fleet.save_state("a", tmp_path / "a0")
+    before = fleet.adapter_version("a")
+    fleet.load_state("a", tmp_path / "a0")
+    assert fleet.adapter_version("a") == before + 1
+    assert fleet.changed_since({"a": before}) == {"a"}
+    assert fleet.snapshot("a").rank == 4
+
+
+def test_snapshot_rank_is_the_slot_rank_under_rank_pattern():
+    fleet = lf.Fleet(build_debug_model("qwen3"), max_adapters=2, max_rank=16)
+    fleet.add_adapter("a", lf.AdapterConfig(rank=4, rank_pattern={"v_proj": 8},
+                                            target_modules=["q_proj", "v_proj"], seed=0))
+    snap = fleet.snapshot("a")
+    assert snap.rank == 8  # the largest module rank: what --max-lora-rank must allow

@@ -24,7 +24,7 @@ from .training import AdapterTrainState, TrainingMixin
 from .weights_io import WeightsIOMixin
 
 
-class Fleet(TrainingMixin, StateMixin, SamplingMixin, SnapshotMixin, WeightsIOMixin):
+class Fleet(TrainingMixin, SnapshotMixin, StateMixin, SamplingMixin, WeightsIOMixin):
     """Many LoRA adapters on one shared frozen base model.
 
     ``Fleet(model, max_adapters=8, max_rank=64)`` swaps the model's linears and packed experts

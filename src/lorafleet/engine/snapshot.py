@@ -49,8 +49,18 @@ class SnapshotMixin:
         return int(self._train[name].adam.step) + self._weight_replacements().get(name, 0)
 
     def set_adapter_weights(self, name: str, w) -> None:
-        # Fleet lists SnapshotMixin before WeightsIOMixin, so this wraps the real one
+        # Fleet lists SnapshotMixin before WeightsIOMixin and StateMixin, so these wrap the real ones
         super().set_adapter_weights(name, w)
+        self._count_replacement(name)
+
+    def load_state(self, name: str, path, slot: int | None = None) -> dict:
+        # a checkpoint's weights under the step count the adapter already had (e.g. a rewind to
+        # another run's step-5 state) must read as changed too
+        extra = super().load_state(name, path, slot=slot)
+        self._count_replacement(name)
+        return extra
+
+    def _count_replacement(self, name: str) -> None:
         counts = self._weight_replacements()
         counts[name] = counts.get(name, 0) + 1
 
@@ -75,5 +85,5 @@ class SnapshotMixin:
         # adapter_files already copies; clone again only what might still share storage
         tensors = {k: v if v.is_contiguous() and v.device.type == "cpu" else v.cpu().contiguous().clone()
                    for k, v in tensors.items()}
-        return Snapshot(name=name, layout=layout, version=version, rank=int(self._configs[name].rank),
+        return Snapshot(name=name, layout=layout, version=version, rank=int(self._configs[name].slot_rank),
                         tensors=tensors, config=config, meta=meta)

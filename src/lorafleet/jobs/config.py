@@ -178,7 +178,7 @@ class RLConfig(TrainConfig):
     rollout: dict | None = None
 
 
-ROLLOUT_ENGINES = ("vllm", "vllm-local", "sglang")  # vllm / sglang: a running server at url
+ROLLOUT_ENGINES = ("vllm", "vllm-local", "vllm-inprocess", "sglang")  # vllm / sglang: a running server at url
 # the rollout keys the job itself reads; every other key is the engine's own option (make_engine)
 ROLLOUT_JOB_KEYS = {"engine": str, "url": str, "async": bool, "max_staleness": int, "retries": int,
                     "retry_wait_s": float}
@@ -203,9 +203,9 @@ def read_rollout(spec, where: str) -> dict:
     if engine not in ROLLOUT_ENGINES:
         raise ConfigError(f"{where}.engine: must be one of {list(ROLLOUT_ENGINES)}, got {engine!r}")
     url = out.get("url")
-    if engine == "vllm-local":
+    if engine in ("vllm-local", "vllm-inprocess"):
         if url is not None:
-            raise ConfigError(f"{where}.url: engine vllm-local starts its own engine on the base model's "
+            raise ConfigError(f"{where}.url: engine {engine} starts its own engine on the base model's "
                               "directory and takes no url (use engine: vllm for a running server)")
     elif not (isinstance(url, str) and url.startswith(("http://", "https://"))):
         raise ConfigError(f"{where}.url: engine {engine} needs the server's url (http://host:port), got {url!r}")

@@ -108,12 +108,14 @@ class EngineRollouts:
         return out
 
     def _retry(self, what: str, fn):
-        from ..rollout import RolloutError
+        from ..rollout import RolloutError, RolloutRefused
 
         tries = self.spec["retries"] + 1
         for attempt in range(tries):
             try:
                 return fn()
+            except RolloutRefused as e:  # no retry can change it: stop now, with the engine's answer
+                raise RolloutFailed(f"{self.where}: {what} refused: {_one_line(e)}") from None
             except (RolloutError, OSError) as e:  # OSError: a connection refused / reset / timed out
                 last = e
                 if attempt + 1 < tries:

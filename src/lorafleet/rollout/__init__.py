@@ -1,12 +1,12 @@
 """Rollout engines: push adapter snapshots into vLLM / SGLang and sample there (imports engine +
 adapters only)."""
 
-from .base import RolloutEngine, RolloutError
+from .base import RolloutEngine, RolloutError, RolloutRefused
 
-__all__ = ["ENGINES", "RolloutEngine", "RolloutError", "RolloutUnavailable", "make_engine"]
+__all__ = ["ENGINES", "RolloutEngine", "RolloutError", "RolloutRefused", "RolloutUnavailable", "make_engine"]
 
-ENGINES = ("vllm", "vllm-local", "sglang")
-BUILT = ("vllm", "vllm-local", "sglang")  # engines with a sink in this version
+ENGINES = ("vllm", "vllm-local", "vllm-inprocess", "sglang")
+BUILT = ("vllm", "vllm-local", "vllm-inprocess", "sglang")  # engines with a sink in this version
 # each engine's own options (besides ``engine``), as make_engine accepts them
 OPTIONS = {
     "vllm": ("url", "max_lora_rank", "max_loras", "max_versions", "adapter_dir", "timeout_s"),
@@ -31,6 +31,10 @@ def make_engine(spec: dict, *, base_dir: str, max_rank: int) -> RolloutEngine:
         from .sglang import make_sglang_engine
 
         return make_sglang_engine(spec, base_dir=base_dir, max_rank=max_rank)
+    if name == "vllm-inprocess":  # vLLM's LLM in this process: lorafleet and vllm in one environment
+        from .vllm_inprocess import make_vllm_inprocess_engine
+
+        return make_vllm_inprocess_engine(spec, base_dir=base_dir, max_rank=max_rank)
     if name not in BUILT:
         raise RolloutUnavailable(
             f"rollout engine {name!r} is not available in this version of lorafleet"

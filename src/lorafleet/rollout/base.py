@@ -12,6 +12,11 @@ class RolloutError(RuntimeError):
     """An engine refused or could not be reached; the message names the engine's answer."""
 
 
+class RolloutRefused(RolloutError):
+    """A refusal that no retry can change (a rank above the engine's limit, an engine without
+    LoRA, a layout it cannot take): callers stop at once instead of retrying."""
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     def push(self, snap: Snapshot) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..adapters.formats_layouts import sglang_dense_partners
 from ..engine.snapshot import Snapshot
-from .base import RolloutError
+from .base import RolloutError, RolloutRefused
 from .versions import AdapterVersions, check_max_versions
 
 ENGINE = "sglang"
@@ -123,7 +123,7 @@ class SGLangEngine:
             raise ValueError(f"engine sglang loads snapshots in the 'sglang' layout, got {snap.layout!r}")
         limit = self.server_info.get("max_lora_rank")
         if isinstance(limit, int) and snap.rank > limit:
-            raise RolloutError(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above the server's "
+            raise RolloutRefused(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above the server's "
                                f"--max-lora-rank {limit}")
         try:
             snap = with_stack_partners(snap, self._base_config())
@@ -131,7 +131,7 @@ class SGLangEngine:
             raise RolloutError(f"{self.where}: adapter {snap.name!r}: {e}") from None
         refused = sglang_cannot_load(snap, self.server_info)
         if refused:
-            raise RolloutError(f"{self.where}: adapter {snap.name!r}: {refused}")
+            raise RolloutRefused(f"{self.where}: adapter {snap.name!r}: {refused}")
         self.versions.push(snap.name, snap.version, snap)
         return snap.name
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..engine.snapshot import Snapshot
-from .base import RolloutError
+from .base import RolloutError, RolloutRefused
 from .http import EngineHTTP
 from .versions import AdapterVersions, check_max_versions
 
@@ -94,10 +94,10 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------ pushes
     def push(self, snap: Snapshot) -> str:
         if snap.layout not in ("peft", "vllm"):
-            raise RolloutError(f"vllm takes adapters in the peft or vllm layout, not {snap.layout!r}")
+            raise RolloutRefused(f"vllm takes adapters in the peft or vllm layout, not {snap.layout!r}")
         rank = file_rank(snap)
         if self.max_lora_rank is not None and rank > self.max_lora_rank:
-            raise RolloutError(f"vllm at {self.url}: adapter {snap.name!r} has rank {rank}, above the engine's "
+            raise RolloutRefused(f"vllm at {self.url}: adapter {snap.name!r} has rank {rank}, above the engine's "
                                f"--max-lora-rank {self.max_lora_rank}; not pushed (restart vLLM with "
                                f"--max-lora-rank >= {rank} or lower the adapter's rank)")
         path = self.adapter_dir / _safe(snap.name) / f"v{snap.version}-{uuid.uuid4().hex[:8]}"
@@ -122,7 +122,9 @@ class VLLMEngine:
             self.http.post("/v1/load_lora_adapter", body)
         except RolloutError as e:
             hint = self._hint(str(e))
-            raise RolloutError(f"{e} ({hint})" if hint else str(e)) from None
+            # an engine without LoRA answers the same to every retry
+            kind = RolloutRefused if hint == _NO_LORA_HINT else RolloutError
+            raise kind(f"{e} ({hint})" if hint else str(e)) from None
         old, self.paths[engine_name] = self.paths.get(engine_name), path
         if old is not None and old != path:
             shutil.rmtree(old, ignore_errors=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..engine.snapshot import Snapshot
-from .base import RolloutError
+from .base import RolloutError, RolloutRefused
 from .versions import AdapterVersions, check_max_versions, slots_needed
 
 ENGINE = "vllm-inprocess"
@@ -94,7 +94,7 @@ class VLLMInProcessEngine:
         if snap.layout not in ("peft", "vllm"):
             raise ValueError(f"engine {ENGINE} loads snapshots in the 'peft' or 'vllm' layout, got {snap.layout!r}")
         if snap.rank > self.engine_rank:
-            raise RolloutError(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above --max-lora-rank "
+            raise RolloutRefused(f"{self.where}: adapter {snap.name!r} has rank {snap.rank}, above --max-lora-rank "
                                f"{self.engine_rank}")
         self.versions.push(snap.name, snap.version, snap)
         return snap.name
