@@ -129,3 +129,149 @@ def test_a_partner_of_unknown_output_size_is_refused_naming_it():
                                                  r"and needs a zero k_proj LoRA beside q_proj, but the output size of "
                                                  r".*self_attn.k_proj is unknown"):
         sglang_dense_partners(_dense("q_proj"))
+
+
+# ----------------------------------------------------------------------------- plain exports of partial groups
+_PARTIAL = {"q_only": (["q_proj"], {"k_proj", "v_proj"}),
+            "kv_only": (["k_proj", "v_proj"], {"q_proj"}),
+            "up_only": (["up_proj"], {"gate_proj"})}
+
+
+@pytest.fixture(scope="module")
+def partial_fleet():
+    """A debug Qwen3 fleet (q/k/v outputs differ: GQA) with one random adapter per partial group."""
+    import lorafleet as lf
+    from lorafleet.models.debug import build_debug_model
+    from peft_ref import randomize
+
+    model = build_debug_model("qwen3", seed=0)
+    fleet = lf.Fleet(model, max_adapters=2 * len(_PARTIAL), max_rank=8)
+    for i, (case, (targets, _)) in enumerate(_PARTIAL.items()):
+        fleet.add_adapter(case, lf.AdapterConfig(rank=4, alpha=6, target_modules=targets, seed=i))
+        randomize(fleet, case, seed=10 + i)
+    return fleet
+
+
+@pytest.mark.parametrize("case", list(_PARTIAL))
+def test_plain_export_of_a_partial_group_has_zero_partners_and_reloads_exactly(partial_fleet, case, tmp_path):
+    """SGLang stacks q/k/v from the q_proj key (v_proj beside it) and gate/up from gate_proj: a
+    plain `save_adapter(format="sglang")` writes zero LoRA for the missing members, lists them in
+    target_modules, and loads back with the same logits and the adapter's own targets."""
+    import json
+
+    from peft_ref import rel
+
+    fleet = partial_fleet
+    targets, partners = _PARTIAL[case]
+    fleet.save_adapter(case, tmp_path / case, format="sglang")
+    t = _tensors(tmp_path / case)
+    cfg = json.loads((tmp_path / case / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(set(targets) | partners)
+    linears = fleet._att.linears
+    layers = fleet.model.config.num_hidden_layers
+    for layer in range(layers):
+        for name in partners:
+            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj") else "mlp"
+            path = f"model.layers.{layer}.{parent}.{name}"
+            a, b = t[f"{PREFIX}{path}.lora_A.weight"], t[f"{PREFIX}{path}.lora_B.weight"]
+            assert a.shape == (4, linears[path].in_features) and b.shape == (linears[path].out_features, 4)
+            assert not a.any() and not b.any()
+        for name in targets:  # the trained factors, unchanged
+            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj") else "mlp"
+            path = f"model.layers.{layer}.{parent}.{name}"
+            assert t[f"{PREFIX}{path}.lora_A.weight"].any() and t[f"{PREFIX}{path}.lora_B.weight"].any()
+    fleet.load_adapter(case + "_back", tmp_path / case)
+    try:
+        assert set(fleet.adapters[case + "_back"].target_modules) == set(targets)  # stable on a round trip
+        ids = torch.randint(0, fleet.model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = fleet.forward(torch.cat([ids, ids, ids]), adapters=[case, case, case + "_back", case + "_back",
+                                                                      None, None]).logits
+        assert rel(out[2:4], out[:2]) < 1e-5 and rel(out[:2], out[4:]) > 1e-3  # the adapter does change them
+    finally:
+        fleet.remove_adapter(case + "_back")
+
+
+def test_the_sinks_partner_step_adds_nothing_to_a_fleet_snapshot(partial_fleet):
+    """The export already holds every partner: the sink's step (kept for snapshots from other
+    sources) returns the snapshot as it is, nothing added twice."""
+    from lorafleet.rollout.sglang import with_stack_partners
+
+    cfg = partial_fleet.model.config.to_dict()
+    for case, (targets, partners) in _PARTIAL.items():
+        snap = partial_fleet.snapshot(case, layout="sglang")
+        assert snap.config["target_modules"] == sorted(set(targets) | partners)
+        assert with_stack_partners(snap, cfg) is snap
+
+
+def test_a_nonzero_or_lone_partner_is_kept_on_load(tmp_path):
+    """Only all-zero partners beside a kept group member go: a zero q_proj beside a trained k/v
+    does, a zero q_proj alone (nothing of its group kept) and a trained one stay."""
+    w = make_weights("none")
+    hid = H  # any input size: no base model here
+    w.dense = {"model.layers.0.self_attn.k_proj": (torch.randn(R, hid), torch.randn(4, R)),
+               "model.layers.0.self_attn.v_proj": (torch.randn(R, hid), torch.randn(4, R))}
+    w.experts, w.experts_arch = {}, {}
+    w.linear_out_features = {"model.layers.0.self_attn.q_proj": 8}
+    w.config = type(w.config)(rank=R, alpha=6.0, target_modules=("k_proj", "v_proj"))
+    save_adapter_dir(w, tmp_path / "kv", format="sglang")
+    assert set(_tensors(tmp_path / "kv")) >= {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"}
+    assert set(load_adapter_dir(tmp_path / "kv").dense) == set(w.dense)
+    w.dense["model.layers.0.self_attn.q_proj"] = (torch.randn(R, hid), torch.zeros(8, R))  # fresh: B zero, A not
+    save_adapter_dir(w, tmp_path / "qkv", format="sglang")
+    assert set(load_adapter_dir(tmp_path / "qkv").dense) == set(w.dense)
+    lone = {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(R, hid),
+            f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, R)}
+    save_file(lone, str(tmp_path / "qkv" / "adapter_model.safetensors"))
+    assert set(load_adapter_dir(tmp_path / "qkv").dense) == {"model.layers.0.self_attn.q_proj"}
+
+
+def test_plain_export_without_partner_sizes_is_refused_naming_the_module(tmp_path):
+    """AdapterWeights not made by a fleet (no linear_out_features) and no twin to size k/v from."""
+    w = make_weights("none")
+    w.dense = {"model.layers.0.self_attn.q_proj": (torch.randn(R, H), torch.randn(8, R))}
+    w.experts, w.experts_arch = {}, {}
+    w.config = type(w.config)(rank=R, alpha=6.0, target_modules=("q_proj",))
+    with pytest.raises(AdapterFormatError, match=r"needs a zero k_proj LoRA beside q_proj, but the output size of "
+                                                 r"base_model\.model\.model\.layers\.0\.self_attn\.k_proj is unknown"):
+        save_adapter_dir(w, tmp_path / "q", format="sglang")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_sglangs_loader_stacks_a_plain_export_of_partial_groups(partial_fleet, tmp_path):
+    """SGLang 0.5.23's own loader (tests/sglang_loader_check.py) on `save_adapter(format="sglang")`
+    directories, no sink in between: every targeted projection lands in its stacked module."""
+    import json
+
+    from test_rollout_sglang import NO_SGLANG, SGLANG_PYTHON, _sglang_check
+
+    if not SGLANG_PYTHON:
+        pytest.skip(NO_SGLANG)
+    fleet = partial_fleet
+    fleet.model.config.save_pretrained(tmp_path / "base")
+    adapters = []
+    for case in _PARTIAL:
+        fleet.save_adapter(case, tmp_path / case, format="sglang")
+        adapters.append({"base": str(tmp_path / "base"), "adapter": str(tmp_path / case),
+                         "out": str(tmp_path / f"{case}.safetensors")})
+    (tmp_path / "job.json").write_text(json.dumps({"adapters": adapters}))
+    results = _sglang_check(tmp_path / "job.json")["adapters"]
+    stem = f"{PREFIX}model.layers.0."
+    for case, got in zip(_PARTIAL, results):
+        assert "error" not in got and got["problems"] == [], (case, got)
+        sg = load_file(str(tmp_path / f"{case}.safetensors"))
+        assert not any(f".{n}." in k for k in sg for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+        w = fleet.get_adapter_weights(case)
+        for group, stacked in ((("q_proj", "k_proj", "v_proj"), "self_attn.qkv_proj"),
+                               (("gate_proj", "up_proj"), "mlp.gate_up_proj")):
+            paths = [f"model.layers.0.{stacked.split('.')[0]}.{n}" for n in group]
+            if not any(p in w.dense for p in paths):
+                continue
+            a, b = sg[f"{stem}{stacked}.lora_A.weight"], sg[f"{stem}{stacked}.lora_B.weight"]
+            outs = [fleet._att.linears[p].out_features for p in paths]
+            for p, a_part, b_part in zip(paths, a.split(4), b.split(outs)):
+                if p in w.dense:  # trained: SGLang holds it unchanged; partner: zero
+                    assert a_part.equal(w.dense[p][0]) and b_part.equal(w.dense[p][1]), (case, p)
+                else:
+                    assert not a_part.any() and not b_part.any(), (case, p)

@@ -10,11 +10,15 @@ PEFT and the engines ignore it). Dense modules always use PEFT's names
   ``peft.PeftModel.from_pretrained``. Shared factors are replicated per expert.
 - ``format="vllm"``: per-expert 2D names ``...experts.{e}.gate_proj|up_proj|down_proj`` (Mixtral:
   ``block_sparse_moe.experts.{e}.w1|w3|w2``); gate and up share the fused A.
-- ``format="sglang"``: SGLang's native 3D names ``...experts.gate_up_proj.lora_A.weight (1|E, 2r, H)``
+- ``format="sglang"``: SGLang's native 3D names ``...experts.gate_up_proj.lora_A.weight (1|E, r, H)``
   etc. Factors shared by all experts (``expert_sharing="shared_outer"``: gate_up A and down B)
   keep expert dim 1, and **SGLang must then be started with ``--experts-shared-outer-loras``**: the
-  file carries no tag for it. SGLang needs per-expert down A, so ``"shared_a"`` replicates it.
-  GPT-OSS (interleaved gate/up rows) is refused: SGLang's row layout for it is unverified.
+  file carries no tag for it. SGLang's per-expert pool fills expert e from index e only, so
+  ``"shared_a"`` copies its gate_up A and its down A per expert. GPT-OSS (interleaved gate/up
+  rows) is refused: SGLang's row layout for it is unverified. SGLang stacks dense q/k/v and
+  gate/up from the q_proj / gate_proj key, so a group the adapter targets only partly gets zero
+  LoRA for its other members (``AdapterWeights.linear_out_features`` gives their sizes; a zero
+  LoRA changes nothing); on load such all-zero partners of an ``sglang`` file are dropped again.
 
 :func:`load_adapter_dir` reads all three back (plus PEFT 0.17/0.18 ``target_parameters`` files,
 whose A/B roles are swapped for HF-v5 weights) and refuses what it cannot represent exactly.
@@ -33,7 +37,7 @@ import torch
 
 from .formats_layouts import (
     CONFIG_FILE, META_FILE, MIXTRAL_NAMES, PARAM_OF_PROJ, PREFIX, PROJS, VLLM_NAMES, WEIGHTS_FILE,
-    AdapterFormatError, peft_write, proj_dims, sglang_write, vllm_write,
+    AdapterFormatError, peft_write, proj_dims, sglang_dense_partners, sglang_write, vllm_write,
 )
 from .formats_load import load_dir
 from ..utils.atomic import atomic_dir
@@ -112,6 +116,11 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
         tensors[f"{PREFIX}{p}.lora_embedding_A"] = a[:k].detach().cpu().contiguous().clone()
         tensors[f"{PREFIX}{p}.lora_embedding_B"] = b[:, :k].detach().cpu().contiguous().clone()
     target_modules = {p.rsplit(".", 1)[-1] for p in list(weights.dense) + list(weights.embeddings)}
+    if format == "sglang":  # zero LoRA for the q/k/v, gate/up members SGLang stacks beside a targeted one
+        partners = sglang_dense_partners(tensors, weights.linear_out_features.get)
+        tensors.update(partners)
+        target_modules.update(k[: -len(".lora_A.weight")].rsplit(".", 1)[-1] for k in partners
+                              if k.endswith(".lora_A.weight"))
     target_parameters: set[str] = set()
     projs_used = [pr for pr in PROJS if any(pr in d for d in weights.experts.values())]
     mixtral = weights.model_type == "mixtral"

@@ -12,7 +12,7 @@ import torch
 from ..config import EXPERT_SHARING_MODES, AdapterConfig
 from .formats_layouts import (
     CONFIG_FILE, META_FILE, MIXTRAL_NAMES, PARAM_OF_PROJ, PREFIX, PROJ_OF_PARAM, PROJS,
-    SHARED_FACTORS, VLLM_NAMES, WEIGHTS_FILE, AdapterFormatError, fuse_gate_up, peft_read,
+    SGLANG_STACKS, SHARED_FACTORS, VLLM_NAMES, WEIGHTS_FILE, AdapterFormatError, fuse_gate_up, peft_read,
     proj_dims, sglang_read,
 )
 from .formats_peft_config import check_config, not_a_target, pattern_value, peft_layer_index, unsupported_parameter
@@ -99,6 +99,8 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
             "LoRA (one shared pair, lm_head A = embedding B.T); lorafleet trains LoRA on embed_tokens and lm_head "
             "as separate deltas (PEFT's default), so it cannot continue that adapter exactly")
 
+    if meta.get("format") not in ("peft", "vllm"):  # lorafleet's sglang export, or a file of unknown origin
+        pairs = _without_zero_stack_partners(pairs)
     tp_parts = [(t.rpartition(".")[0], t.rpartition(".")[2]) for t in tps]
     for tp, (mp, pname) in zip(tps, tp_parts):
         if pname not in PROJ_OF_PARAM:
@@ -234,6 +236,34 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
     w.embeddings = {stem: w.dense.pop(stem) for stem in emb_pairs}
     w.base_layers = base_layers
     return w
+
+
+def _without_zero_stack_partners(pairs: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """``pairs`` less the all-zero dense q/k/v, gate/up LoRA that lorafleet's ``sglang`` export
+    adds beside a targeted group member (SGLang stacks those groups), so a round trip keeps the
+    adapter's target modules. A module name goes only if every pair of it is zero and has a kept
+    group member beside it; dropping a zero pair is exact (it has zero gradients as well)."""
+    def parts(stem):
+        parent, _, leaf = stem.rpartition(".")
+        return parent, leaf, next((g for g in SGLANG_STACKS if leaf in g), None)
+
+    def zero(ab):
+        return ab["A"].dim() == 2 and ab["B"].dim() == 2 and not ab["A"].any() and not ab["B"].any()
+
+    by_leaf: dict[str, list[str]] = {}
+    for stem, ab in pairs.items():
+        parent, leaf, group = parts(stem)
+        if group is not None:
+            by_leaf.setdefault(leaf, []).append(stem)
+    zero_leaves = {leaf for leaf, stems in by_leaf.items() if all(zero(pairs[st]) for st in stems)}
+    kept_leaves = set(by_leaf) - zero_leaves
+
+    def beside_a_kept_member(stem):
+        parent, _, group = parts(stem)
+        return any(f"{parent}.{n}" in pairs for n in group if n in kept_leaves)
+
+    drop = {leaf for leaf in zero_leaves if all(beside_a_kept_member(st) for st in by_leaf[leaf])}
+    return {stem: ab for stem, ab in pairs.items() if parts(stem)[1] not in drop}
 
 
 def _read_per_expert(pfile, by_e, archs, r, model_type):

@@ -52,6 +52,9 @@ class AdapterWeights:
     base_model_name_or_path: str = ""
     experts_arch: dict[str, ExpertsArch] = field(default_factory=dict)
     layers_path: str = "model.layers"  # where the decoder layers are (PEFT's layers_pattern)
+    # out_features of every base linear that can carry LoRA, targeted or not (path -> int): the
+    # `sglang` export writes zero LoRA for the untargeted q/k/v and gate/up partners SGLang stacks
+    linear_out_features: dict[str, int] = field(default_factory=dict)
 
     def tensors(self):
         """Yield (key, tensor) for every factor; keys are stable and unique."""

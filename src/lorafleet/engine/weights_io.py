@@ -29,7 +29,8 @@ class WeightsIOMixin:
         masters = self._train[name].adam.master
         w = AdapterWeights(self._configs[name], model_type=self.spec.model_type,
                            base_model_name_or_path=str(getattr(self.model.config, "_name_or_path", "") or ""),
-                           experts_arch=self.experts_arch(), layers_path=self.spec.layers_path)
+                           experts_arch=self.experts_arch(), layers_path=self.spec.layers_path,
+                           linear_out_features={p: m.out_features for p, m in self._att.linears.items()})
         pairs: dict[tuple[str, str | None], list] = {}
         for key, p, idx in self.adapter_views(name):
             path, which = key.rsplit(".", 1)  # which: "A" | "B"
