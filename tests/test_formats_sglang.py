@@ -275,3 +275,16 @@ def test_sglangs_loader_stacks_a_plain_export_of_partial_groups(partial_fleet, t
                     assert a_part.equal(w.dense[p][0]) and b_part.equal(w.dense[p][1]), (case, p)
                 else:
                     assert not a_part.any() and not b_part.any(), (case, p)
+
+
+def test_a_partner_the_base_lacks_is_refused_naming_it(tmp_path):
+    """A base with q_proj but no k_proj / v_proj (e.g. DeepSeek-V2-Lite's MLA): SGLang's q/k/v
+    stacking cannot take its q_proj LoRA."""
+    w = make_weights("none")
+    w.dense = {"model.layers.0.self_attn.q_proj": (torch.randn(R, H), torch.randn(8, R))}
+    w.experts, w.experts_arch = {}, {}
+    w.linear_out_features = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.kv_b_proj": 16}
+    w.config = type(w.config)(rank=R, alpha=6.0, target_modules=("q_proj",))
+    want = r"^format 'sglang': SGLang 0.5.23 stacks q_proj with k_proj / v_proj .* this base model has no "
+    with pytest.raises(AdapterFormatError, match=want + r"model\.layers\.0\.self_attn\.k_proj; export"):
+        save_adapter_dir(w, tmp_path / "q", format="sglang")

@@ -117,7 +117,7 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
         tensors[f"{PREFIX}{p}.lora_embedding_B"] = b[:, :k].detach().cpu().contiguous().clone()
     target_modules = {p.rsplit(".", 1)[-1] for p in list(weights.dense) + list(weights.embeddings)}
     if format == "sglang":  # zero LoRA for the q/k/v, gate/up members SGLang stacks beside a targeted one
-        partners = sglang_dense_partners(tensors, weights.linear_out_features.get)
+        partners = sglang_dense_partners(tensors, lambda path: _partner_size(weights, path))
         tensors.update(partners)
         target_modules.update(k[: -len(".lora_A.weight")].rsplit(".", 1)[-1] for k in partners
                               if k.endswith(".lora_A.weight"))
@@ -187,6 +187,16 @@ def adapter_files(weights: AdapterWeights, format: str = "peft"):  # noqa: A002
     meta = {"format": format, "expert_sharing": cfg.expert_sharing, "model_type": weights.model_type,
             "rank": r, "lorafleet_version": LORAFLEET_VERSION}
     return tensors, adapter_config, meta
+
+
+def _partner_size(weights: AdapterWeights, path: str) -> int | None:
+    """out_features of the stacking partner ``path`` SGLang needs (None: unknown, refused by the caller)."""
+    known = weights.linear_out_features
+    if known and path not in known:  # the base's linears are known and this one is not among them
+        raise AdapterFormatError(
+            f"format 'sglang': SGLang 0.5.23 stacks q_proj with k_proj / v_proj and gate_proj with up_proj and needs "
+            f"LoRA for each, but this base model has no {path}; export with format 'peft' or 'vllm'")
+    return known.get(path)
 
 
 def _check_vocab_export(weights: AdapterWeights, format: str) -> None:  # noqa: A002
