@@ -382,7 +382,10 @@ def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None
     is a linear like any other (PEFT ``lm_head.lora_A/B.weight``); ``embedding_shapes`` (path ->
     (vocab, dim)) names the input embeddings whose ``lora_embedding_A/B`` the file may hold. A
     ``...base_layer.weight`` PEFT saved beside them comes back in ``base_layers`` (the fleet
-    refuses the adapter unless it equals its own base weight).
+    refuses the adapter unless it equals its own base weight). In a file not marked ``peft`` /
+    ``vllm`` in lorafleet.json, a q/k/v or gate/up module name whose every pair is zero and sits
+    beside a kept member of its group (the ``sglang`` export's stacking partners) is dropped, so
+    the adapter's targets survive a round trip (exact: a zero pair stays zero under training).
 
     Refused with :class:`AdapterFormatError` (a ``ValueError``) naming the field or key: anything
     lorafleet cannot reproduce, e.g. PiSSA / OLoRA / CorDA / LoRA-GA / LoftQ adapters saved
