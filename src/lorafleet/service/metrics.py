@@ -49,6 +49,8 @@ class _ServiceCollector:
             return g
 
         yield gauge("lorafleet_scheduler_queue_depth", "operations waiting for the scheduler", live["queued"])
+        yield gauge("lorafleet_scheduler_decoding", "sample requests in running decodes (also in the queue depth)",
+                    live["decoding"])
         yield gauge("lorafleet_samples_waiting_for_slot", "samples waiting for a free adapter slot",
                     len(sch._slot_wait))
         yield gauge("lorafleet_pending_futures", "accepted requests not finished yet", svc.futures.pending_count())
