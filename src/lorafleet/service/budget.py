@@ -120,22 +120,30 @@ class MemoryBudget:
 
     MIN_WORK = 32 * MiB
 
-    def __init__(self, shape: ModelShape, limit_bytes: int, baseline_bytes: int, reserve_bytes: int):
+    def __init__(self, shape: ModelShape, limit_bytes: int, baseline_bytes: int, reserve_bytes: int,
+                 banks_bytes: int = 0):
         self.shape, self.limit, self.baseline, self.reserve = shape, int(limit_bytes), int(baseline_bytes), \
             int(reserve_bytes)
-        self.work = self.limit - self.baseline - self.reserve
+        self.banks = int(banks_bytes)  # LoRA banks allocated later (the LM head's), counted from the start
+        self.work = self.limit - self.baseline - self.reserve - self.banks
 
     @classmethod
-    def for_model(cls, model, limit_mb: int, max_body_bytes: int, device: str = "cpu") -> "MemoryBudget":
-        """The server's budget; ``limit_mb`` 0: 80 % of the device's memory. ValueError when the
-        limit leaves less than 32 MiB for work."""
+    def for_model(cls, model, limit_mb: int, max_body_bytes: int, device: str = "cpu",
+                  banks_bytes: int = 0) -> "MemoryBudget":
+        """The server's budget; ``limit_mb`` 0: 80 % of the device's memory. ``banks_bytes``: LoRA
+        banks not allocated yet but expected (the LM head's, `unembed.head_bank_bytes`): they
+        are taken off the work from the start, so what fits never shrinks when the first adapter
+        allocates them. ValueError when the limit leaves less than 32 MiB for work."""
         limit = int(limit_mb) * MiB if limit_mb else int(0.8 * machine_memory_bytes(device))
-        self = cls(ModelShape.of(model), limit, process_memory_bytes(device), 4 * max_body_bytes + 256 * MiB)
+        self = cls(ModelShape.of(model), limit, process_memory_bytes(device), 4 * max_body_bytes + 256 * MiB,
+                   banks_bytes)
         if self.work < self.MIN_WORK:
+            banks = f", the LM head's LoRA bank {self.banks // MiB} MiB" if self.banks else ""
             raise ValueError(
                 f"--memory-limit-mb {self.limit // MiB} leaves no room for work: the base model and the server "
-                f"take {self.baseline // MiB} MiB and {self.reserve // MiB} MiB are kept for request bodies "
-                f"(4 x --max-body-bytes + 256 MiB); give at least {(self.baseline + self.reserve + self.MIN_WORK) // MiB}")
+                f"take {self.baseline // MiB} MiB{banks} and {self.reserve // MiB} MiB are kept for request bodies "
+                f"(4 x --max-body-bytes + 256 MiB); give at least "
+                f"{(self.baseline + self.banks + self.reserve + self.MIN_WORK) // MiB}")
         return self
 
     # ------------------------------------------------------------------ estimates (bytes)
@@ -193,9 +201,10 @@ class MemoryBudget:
         return lo
 
     def _over(self, need: int) -> str:
+        banks = f", {self.banks // MiB} MiB for the LM head's LoRA bank" if self.banks else ""
         return (f"needs about {math.ceil(need / MiB)} MiB, over the {self.work // MiB} MiB one step may use "
                 f"(the server's --memory-limit-mb {self.limit // MiB}, less {self.baseline // MiB} MiB for the "
-                f"base and {self.reserve // MiB} MiB reserved)")
+                f"base{banks} and {self.reserve // MiB} MiB reserved)")
 
     def check_datums(self, lengths: list[int], forward_only: bool, dpo: bool) -> None:
         """Invalid naming the limit when a datum (a DPO pair) alone does not fit in one call;
@@ -237,6 +246,7 @@ class MemoryBudget:
         return out
 
     def describe(self) -> str:
-        return (f"memory limit {self.limit // MiB} MiB (base and server {self.baseline // MiB} MiB, reserve "
+        banks = f", LM head LoRA bank {self.banks // MiB} MiB" if self.banks else ""
+        return (f"memory limit {self.limit // MiB} MiB (base and server {self.baseline // MiB} MiB{banks}, reserve "
                 f"{self.reserve // MiB} MiB): {self.work // MiB} MiB per step, datums up to "
                 f"{self.max_datum_tokens()} tokens ({self.max_rows(128)} x 128 tokens per step)")

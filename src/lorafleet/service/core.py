@@ -24,6 +24,7 @@ from .jobs import JobRunner
 from .recovery import recover
 from .sqlite_store import SQLiteStore
 from .store import Checkpoints, InMemoryStore, Invalid, Model, NotFound, Sampler, Session, Store, check_name
+from .unembed import head_bank_bytes, head_target, reported_lora
 
 log = logging.getLogger("lorafleet.service")
 
@@ -101,9 +102,17 @@ class Service:
         if wrap_fleet is not None:  # under torchrun: every rank runs each engine call (distributed/serve.py)
             self.fleet = wrap_fleet(self.fleet)
         self.vocab = model.get_output_embeddings().weight.shape[0]
+        # what lora_config.train_unembed adapts (None: not the head here, and reported so; unembed.py)
+        self.head_name, self.unembed_missing = head_target(
+            model, self.fleet, self.config.rollout_engine if self.config.rollout_url else None)
+        self.unembed_target = None if self.unembed_missing else self.head_name
+        if self.unembed_target is None:
+            log.warning("train_unembed: the LM head is not adapted (%s); models report train_unembed false",
+                        self.unembed_missing)
+        banks = head_bank_bytes(model, self.config.max_adapters, self.config.max_rank) if self.unembed_target else 0
         # measured now: the base and the fleet are what the budget's limit must hold besides work
         self.budget = MemoryBudget.for_model(model, self.config.memory_limit_mb, self.config.max_body_bytes,
-                                             device=self.fleet.lora_device.type)
+                                             device=self.fleet.lora_device.type, banks_bytes=banks)
         self.fleet = BudgetedFleet(self.fleet, self.budget)
         self.quotas = Quotas(self)
         self.arch = str(getattr(model.config, "model_type", "unknown"))
@@ -198,11 +207,14 @@ class Service:
         attn = [n for n in self._linear_names if n in ATTN]
         mlp = [n for n in self._linear_names if n not in ATTN]
         targets = (attn if train_attn else []) + (mlp if train_mlp else [])
+        if bool(lora.get("train_unembed", True)) and self.unembed_target:  # the SDK's default is True
+            targets.append(self.head_name)
         experts = train_mlp and self.fleet.expert_lora  # not spec.moe: Llama 4 / DBRX attach dense-only
         if not targets and not experts:
-            raise Invalid("lora_config trains nothing on this base (set train_attn or train_mlp)")
+            why = f"; train_unembed does not adapt the LM head here: {self.unembed_missing}" \
+                if lora.get("train_unembed", True) and self.unembed_missing else ""
+            raise Invalid(f"lora_config trains nothing on this base (set train_attn or train_mlp){why}")
         seed = check_seed(lora.get("seed"), "lora_config.seed")
-        # train_unembed is accepted but the LM head is not adapted (the engine targets decoder linears)
         return AdapterConfig(rank=rank, alpha=LORA_ALPHA, target_modules=tuple(targets),
                              experts=experts, seed=int(seed) if seed is not None else 0)
 
@@ -275,7 +287,7 @@ class Service:
             raise Invalid(f"model {model_id!r} already exists")
         self.quotas.check_slot(tenant)
         m = Model(model_id, tenant, session.session_id, self.adapter_name(tenant, model_id), base, cfg.rank,
-                  dict(lora))
+                  reported_lora(lora, cfg, self.head_name))
         self.store.add_model(m)
         return self._open_in_slot(m, lambda fleet: fleet.add_adapter(m.adapter, cfg),
                                   {"model_id": model_id, "type": "create_model"})
@@ -301,7 +313,33 @@ class Service:
     def get_info(self, tenant: str, body: dict) -> dict:
         m = self.store.get_model(str(body.get("model_id")), tenant)
         return {"type": "get_info", "model_id": m.model_id, "is_lora": True, "lora_rank": m.rank,
+                "train_unembed": bool(m.lora_config.get("train_unembed", False)),  # what the adapter trains
                 "model_data": {"arch": self.arch, "model_name": m.base_model, "tokenizer_id": self.tokenizer_dir}}
+
+    def weights_info(self, tenant: str, body: dict) -> dict:
+        """The SDK's ``RestClient.get_weights_info_by_tinker_path``: what a checkpoint trains, read
+        from its own adapter config (state.json, or a sampler checkpoint's adapter_config.json)."""
+        path = body.get("tinker_path")
+        if not isinstance(path, str):
+            raise Invalid(f"weights_info needs tinker_path (a tinker://... checkpoint path), got {path!r}")
+        kind, d = self.checkpoints.resolve(tenant, path)
+        try:
+            if kind == "weights":
+                meta = json.loads((d / "state.json").read_text())
+                adapter, base = meta["adapter"], (meta.get("extra") or {}).get("base_model") or self.base_name
+                rank, experts = int(adapter["rank"]), bool(adapter.get("experts"))
+            else:
+                adapter = json.loads((d / "adapter_config.json").read_text())
+                rank, base, experts = int(adapter["r"]), self.base_name, False
+            tm = adapter.get("target_modules") or []
+        except Exception as e:  # noqa: BLE001
+            raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
+        tm = self._linear_names if tm == "all-linear" else list(tm)
+        decoder = [t for t in tm if t not in self.fleet.vocab_names]
+        return {"base_model": base, "is_lora": True, "lora_rank": rank,
+                "train_unembed": self.head_name is not None and self.head_name in tm,
+                "train_attn": any(t in ATTN for t in decoder),
+                "train_mlp": experts or any(t not in ATTN for t in decoder)}
 
     def _model_for(self, tenant: str, body: dict, allow_lost: bool = False) -> tuple[Model, int]:
         m = self.store.get_model(str(body.get("model_id")), tenant)
@@ -479,9 +517,10 @@ class Service:
                 fleet.load_state(m.adapter, d)
                 if not optimizer:
                     fleet.reset_optimizer(m.adapter)
-                if m.lost is not None:
-                    m.lost = None
-                    self.store.update(m)
+                # the checkpoint's adapter replaced the model's: report what it trains
+                m.lora_config = reported_lora(m.lora_config, fleet.adapters[m.adapter], self.head_name)
+                m.lost = None
+                self.store.update(m)
                 return {"type": "load_weights", "path": path, "model_id": m.model_id}
 
             return self._submit_model_op(tenant, m, seq, "load_weights", fn)
@@ -497,7 +536,8 @@ class Service:
         try:
             meta = json.loads((d / "state.json").read_text())
             rank = int(meta["adapter"]["rank"])
-            lora = dict((meta.get("extra") or {}).get("lora_config") or {"rank": rank})
+            lora = reported_lora((meta.get("extra") or {}).get("lora_config") or {"rank": rank}, meta["adapter"],
+                                 self.head_name)
         except Exception as e:  # noqa: BLE001
             raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
         model_id = f"{session.session_id}:train:{mseq}"
