@@ -197,7 +197,7 @@ def chunked_loss(hidden, lm_head_weight, targets, chunk=1024):
 
     h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
     fn = getattr(logprobs, "_ChunkedLogprobs", None)
-    lp, _ = fn.apply(h, lm_head_weight, t, chunk) if fn is not None else logprobs.token_logprobs(
+    lp, _ = fn.apply(h, lm_head_weight, None, None, t, chunk) if fn is not None else logprobs.token_logprobs(
         h, lm_head_weight, t, chunk)
     return -lp.sum()
 
