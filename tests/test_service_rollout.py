@@ -389,6 +389,67 @@ def test_an_unreachable_engine_is_one_line_naming_it(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def _failing_generate(monkeypatch, engine, failures: int | None, message: str):
+    """The engine's generate fails ``failures`` times (None: always), then works; returns its calls."""
+    calls, real = [], engine.generate
+
+    def generate(*args):
+        calls.append(args[0])
+        if failures is None or len(calls) <= failures:
+            raise RolloutError(message)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    return calls
+
+
+def test_an_engine_failure_is_retried_by_the_sdk_itself(engine_server, monkeypatch):
+    """The engine fails one request (all its engine calls) and recovers: that request's future is
+    retryable (410), the SDK sends the sample again by itself, and the user's call gets the tokens."""
+    svc, url, engine = engine_server
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = tok.encode("the cat")
+        ref = own_greedy(svc, svc.adapter_name("alice", tc.model_id), prompt, 6)
+        failures = svc.rollout.stats["failures"]
+        calls = _failing_generate(monkeypatch, engine, svc.rollout.retries + 1, "HTTP 500 {'error': 'restarting'}")
+        got = sampler.sample(types.ModelInput.from_ints(prompt), 1,
+                             types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result(timeout=T)
+        assert got.sequences[0].tokens == ref.tokens
+        assert len(calls) == svc.rollout.retries + 2  # the failed request's calls, then the SDK's resend
+        assert svc.rollout.stats["failures"] == failures + 1
+
+
+def test_a_permanent_engine_failure_ends_after_bounded_resends(engine_server, monkeypatch):
+    svc, url, engine = engine_server
+    monkeypatch.setattr(svc.rollout, "max_resends", 1)
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints(tok.encode("on the"))
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)  # pushed
+        calls = _failing_generate(monkeypatch, engine, None, "HTTP 500 {'error': 'engine is broken'}")
+        # on the wire: the first round is a 410 naming the engine's answer (the SDK's cue to resend)
+        body = {"sampling_session_id": last_sampler_id(svc), "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt.to_ints()}]},
+                "sampling_params": {"max_tokens": 3}}
+        with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=10) as http:
+            rid = http.post("/api/v1/asample", json=body).json()["request_id"]
+            r = http.post("/api/v1/retrieve_future", json={"request_id": rid})
+            assert r.status_code == 410 and r.json()["retryable"] is True, r.text
+            assert "engine is broken" in r.json()["error"] and r.json()["category"] == "server"
+            time.sleep(rollout_sampling.RETRY_AFTER_S + 0.05)  # past the door's refusal
+            rid = http.post("/api/v1/asample", json=body).json()["request_id"]
+            r = http.post("/api/v1/retrieve_future", json={"request_id": rid})
+            assert r.status_code == 200 and "retryable" not in r.json(), r.text  # its second round: final
+        # through the SDK: its resends are bounded too, and the error names the engine's answer
+        n = len(calls)
+        with pytest.raises(tinker.RequestFailedError, match=r"engine is broken.*failed 2 time\(s\)"):
+            sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)
+        assert len(calls) - n == 2 * (svc.rollout.retries + 1)  # 1 + max_resends rounds, no more
+
+
 # ---- the real vLLM (the session's `vllm_server`) behind a real `lorafleet serve` process
 def _serve(tmp_path, base, url, *extra):
     port = free_port()

@@ -2,7 +2,8 @@
 
 Every error is JSON: 401 for a missing/bad key, 404 for ids the caller cannot see (another
 tenant's ids included), 400 for malformed requests, 413 for bodies over the limit, 410 for a
-request a previous server process accepted but never finished (the SDK retries on 410). A failed
+request a previous server process accepted but never finished, and for a sample the rollout engine
+failed this time (``Failure.retryable``; the SDK sends the request again on 410). A failed
 *operation* (found while running it) is reported through its future as
 ``{"error", "category"}``, as the SDK expects.
 """
@@ -337,6 +338,9 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         if out is None:
             return {"type": "try_again", "request_id": rid, "queue_state": "active"}
         if isinstance(out, Failure):
+            if out.retryable:  # the SDK sends the request again on 410 (RetryableException)
+                return SafeJSONResponse({"error": out.error, "category": out.category, "retryable": True},
+                                        status_code=410)
             return {"error": out.error, "category": out.category}
         if out.body is not None:
             return Response(out.body, media_type=out.content_type)

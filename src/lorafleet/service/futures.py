@@ -37,6 +37,10 @@ class Result:
 class Failure:
     error: str
     category: str = "user"  # "user" | "server" | "unknown"
+    # retryable: a passing failure (the rollout engine failed this time): retrieve_future answers
+    # 410, on which the SDK sends the request again by itself. Not journaled: after a restart the
+    # failure reads as final (the client's own retry still works).
+    retryable: bool = False
 
 
 class Lost(Exception):

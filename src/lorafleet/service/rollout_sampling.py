@@ -15,6 +15,10 @@
   per-token logprobs, stop reason, prompt logprobs).
 * Errors: an engine call is retried ``retries`` times; a request that still fails is answered
   with the engine's error (category ``server``), never a traceback, and the fleet is not touched.
+  That answer is *retryable* (retrieve_future's 410, on which the SDK sends the sample again by
+  itself) while the same request (tenant, sampler, prompt, parameters) failed at the engine in at
+  most ``max_resends`` rounds; past them it is final (the SDK's RequestFailedError naming the
+  engine's answer), so a permanent failure never loops. A malformed answer is final at once.
   While the engine is failing, new sample requests are refused at the door with **503**
   (unreachable) or **502** (it answered an error), JSON naming the engine's answer — the SDK
   retries those with backoff — until ``RETRY_AFTER_S`` passes and one request is let through.
@@ -48,6 +52,8 @@ ENGINE_KINDS = ("vllm", "sglang")
 BASE_MATCH_NATS = 0.1  # mean |logprob gap| per probe token; another base is off by nats, bf16 by ~1e-2
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9, and then it sat down."
 RETRY_AFTER_S = 2.0  # a failing engine: new requests refused this long after its last failure
+MAX_RESENDS = 3  # rounds in which one request's engine failure is answered retryable (410), then final
+RESEND_MEMORY_S = 600.0  # a request's failed rounds are forgotten this long after its last round began
 
 
 class EngineDown(HTTPException):
@@ -68,12 +74,18 @@ class _Pushed:
     snapshot: Snapshot | None = None  # taken at save time, pushed once, then dropped
     done: threading.Event = field(default_factory=threading.Event)  # pushed (or the push failed)
     error: str | None = None  # the engine's answer to the last failed push
+    engine_failed: bool = False  # that push failed at the engine (not on reading the saved directory)
     in_flight: int = 0
     dropped: bool = False
 
 
 class _SessionClosed(Exception):
     """A request for a sampler whose session closed (the caller's mistake, not the engine's)."""
+
+
+class _EngineFailed(Exception):
+    """An engine call failed after its retries (the engine's own answer, or no answer): a failure
+    the client may outlive by sending the request again (unlike a malformed answer)."""
 
 
 def engine_name(key: str) -> str:
@@ -120,6 +132,8 @@ class EngineSampling:
         self._adapters: dict[str, _Pushed] = {}  # sampler adapter_key -> its adapter in the engine
         self._closed: set[str] = set()  # keys of samplers whose session closed (never pushed again)
         self._failed: tuple[int, str, float] | None = None  # (status, message, when) of the last failure
+        self.max_resends = MAX_RESENDS
+        self._resends: dict[str, tuple[int, float]] = {}  # request digest -> (failed rounds, last round's start)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafleet-rollout")
         self._running = 0  # engine jobs started and not finished (close waits for them)
         self._idle = threading.Condition(self._lock)
@@ -224,14 +238,14 @@ class EngineSampling:
             p.error, p.snapshot = None, None
             self.stats["pushes"] += 1
         except Exception as e:  # noqa: BLE001
-            p.error = _one_line(e)
+            p.error, p.engine_failed = _one_line(e), isinstance(e, _EngineFailed)
         finally:
             p.done.set()
 
     # ------------------------------------------------------------------ samples
     def submit(self, rid: str, sampler, prompt: list[int], n: int, params: SamplingParams,
                prompt_logprobs: bool, last_n: int | None) -> None:
-        self._pool.submit(self._sample, rid, sampler, prompt, n, params, prompt_logprobs, last_n)
+        self._pool.submit(self._sample, rid, time.monotonic(), sampler, prompt, n, params, prompt_logprobs, last_n)
 
     def _sample(self, *args):
         with self._lock:
@@ -243,16 +257,19 @@ class EngineSampling:
                 self._running -= 1
                 self._idle.notify_all()
 
-    def _sample_one(self, rid, sampler, prompt, n, params, want_plp, last_n):
+    def _sample_one(self, rid, accepted, sampler, prompt, n, params, want_plp, last_n):
         p, key = None, sampler.adapter_key if sampler is not None and sampler.source is not None else None
+        digest = None
         try:
+            digest = self._digest(rid, sampler, prompt, n, params, want_plp, last_n)
             name = None
             if key is not None:
                 p = self._entry(key, sampler.source[1])
                 if not p.done.wait(600):
                     raise RuntimeError("the push of its weights did not finish in 600 s")
                 if p.error is not None:
-                    raise RuntimeError(f"push of the sampler's weights failed: {p.error}")
+                    raise (_EngineFailed if p.engine_failed else RuntimeError)(
+                        f"push of the sampler's weights failed: {p.error}")
                 name = p.served
             seqs = self._call(lambda: self.engine.generate(name, [prompt], params, n), what="generate")
             if not isinstance(seqs, list) or len(seqs) != 1 or len(seqs[0]) != n:
@@ -267,18 +284,48 @@ class EngineSampling:
                 if last_n:
                     plp = [None] * (len(plp) - last_n) + plp[-last_n:]
             self.stats["samples"] += 1
+            with self._lock:
+                self._resends.pop(digest, None)
             self.service.futures.complete(rid, Result(body=protocol.encode_sample_response(seqs[0], plp),
                                                       content_type=protocol.PROTO_CONTENT_TYPE))
         except _SessionClosed as e:
             self.service.futures.complete(rid, Failure(str(e), "user"))
         except Exception as e:  # noqa: BLE001  (an engine answer or a malformed one: never a traceback)
             self.stats["failures"] += 1
-            msg = f"{self.where}: {_one_line(e)}; the request can be sent again"
+            engine_failed = isinstance(e, _EngineFailed) and digest is not None
+            rounds = self._failed_round(digest, accepted) if engine_failed else None
+            if rounds is not None and rounds <= self.max_resends:
+                msg, retryable = f"{self.where}: {_one_line(e)}; the SDK sends it again", True
+            else:
+                retryable = False
+                msg = f"{self.where}: {_one_line(e)}; " + (
+                    "the request can be sent again" if rounds is None else
+                    f"it failed {rounds} time(s) (each after {self.retries + 1} engine call(s)); "
+                    "send it again once the engine is back")
             log.warning("sample %s: %s", rid, msg)
-            self.service.futures.complete(rid, Failure(msg, "server"))
+            self.service.futures.complete(rid, Failure(msg, "server", retryable=retryable))
         finally:
             if p is not None:
                 self._release(key, p)
+
+    def _digest(self, rid, sampler, prompt, n, params, want_plp, last_n) -> str:
+        """What identifies a request across the SDK's resends (each resend has a new id)."""
+        who = (self.service.futures.owner(rid), None if sampler is None else sampler.adapter_key)
+        return hashlib.sha256(repr((who, list(prompt), n, params, want_plp, last_n)).encode()).hexdigest()
+
+    def _failed_round(self, digest: str, accepted: float) -> int:
+        """The request's failed rounds, counting this failure. A request accepted before its
+        digest's last round started failed in that round (identical requests sent together, a
+        group of rollouts): only one accepted after it (a resend) starts a new round."""
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (_, at) in self._resends.items() if now - at > RESEND_MEMORY_S]:
+                del self._resends[k]
+            rounds, started = self._resends.get(digest, (0, float("-inf")))
+            if accepted > started:
+                rounds, started = rounds + 1, now
+            self._resends[digest] = (rounds, started)
+            return rounds
 
     def _call(self, fn, what: str = "request"):
         """``fn()`` tried 1 + ``retries`` times; records the engine as failing (for the door) or well."""
@@ -294,7 +341,7 @@ class EngineSampling:
         status = 503 if _unreachable(last) else 502
         self._failed = (status, f"{self.where}: {what} failed {self.retries + 1} time(s): {_one_line(last)}",
                         time.monotonic())
-        raise last
+        raise _EngineFailed(_one_line(last)) from last
 
     # ------------------------------------------------------------------ unloads
     def drop(self, key: str) -> None:
