@@ -389,13 +389,17 @@ def test_an_unreachable_engine_is_one_line_naming_it(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def _failing_generate(monkeypatch, engine, failures: int | None, message: str):
-    """The engine's generate fails ``failures`` times (None: always), then works; returns its calls."""
+def _failing_generate(monkeypatch, engine, failures: int | None, message: str, gate=None):
+    """The engine's generate fails ``failures`` times (None: always), then works; returns its calls.
+    With ``gate``, each call waits for it first (requests held in the engine)."""
     calls, real = [], engine.generate
 
     def generate(*args):
         calls.append(args[0])
-        if failures is None or len(calls) <= failures:
+        n = len(calls)
+        if gate is not None:
+            gate.wait(T)
+        if failures is None or n <= failures:
             raise RolloutError(message)
         return real(*args)
 
@@ -419,6 +423,33 @@ def test_an_engine_failure_is_retried_by_the_sdk_itself(engine_server, monkeypat
         assert got.sequences[0].tokens == ref.tokens
         assert len(calls) == svc.rollout.retries + 2  # the failed request's calls, then the SDK's resend
         assert svc.rollout.stats["failures"] == failures + 1
+
+
+def test_identical_requests_failing_together_are_one_round(engine_server, monkeypatch):
+    """A group of identical samples (one prompt, sent together) that the engine fails at once uses
+    one round of the bound, not one per request: with a bound of 1 every one is resent and served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc, url, engine = engine_server
+    monkeypatch.setattr(svc.rollout, "max_resends", 1)
+    with tinker.ServiceClient(base_url=url, api_key=KEY) as sc:
+        tc, tok = trained_client(sc, svc, steps=1)
+        sampler = tc.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints(tok.encode("the mat"))
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result(timeout=T)  # pushed
+        group, gate = 4, threading.Event()  # 4 = the rollout worker threads: all reach the engine
+        calls = _failing_generate(monkeypatch, engine, group * (svc.rollout.retries + 1), "HTTP 503 busy", gate)
+        params = types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])
+        with ThreadPoolExecutor(group) as pool:
+            futs = [pool.submit(lambda: sampler.sample(prompt, 1, params).result(timeout=T)) for _ in range(group)]
+            deadline = time.monotonic() + T
+            while len(calls) < group:  # every request accepted and at the engine before any fails
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            gate.set()
+            out = [f.result(timeout=T) for f in futs]
+        assert len({tuple(o.sequences[0].tokens) for o in out}) == 1
+        assert len(calls) == group * (svc.rollout.retries + 2)  # each: its failed calls, then its resend
 
 
 def test_a_permanent_engine_failure_ends_after_bounded_resends(engine_server, monkeypatch):
