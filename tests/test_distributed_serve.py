@@ -96,7 +96,8 @@ def sdk_scenario(url) -> dict:
     from tinker import types
 
     sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-    tc = sc.create_lora_training_client(base_model=BASE, rank=4, seed=1).result(timeout=T)
+    # train_unembed=False: a distributed server does not adapt the LM head (the SDK's default asks for it)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=4, seed=1, train_unembed=False).result(timeout=T)
     tok = tc.get_tokenizer()
     data = [datum(tok, s) for s in ("the cat sat", "on the mat", "a dog ran far", "up the hill")]
     out = {"loss": [], "grad_norm": []}
@@ -113,7 +114,8 @@ def sdk_scenario(url) -> dict:
     resumed.forward_backward(data[2:], "cross_entropy")
     resumed.optim_step(types.AdamParams(learning_rate=5e-3)).result(timeout=T)
     out["resumed"] = resumed.forward(data, "cross_entropy").result(timeout=T).metrics["loss:sum"]
-    other = sc.create_lora_training_client(base_model=BASE, rank=8, seed=2).result(timeout=T)
+    other = sc.create_lora_training_client(base_model=BASE, rank=8, seed=2).result(timeout=T)  # the SDK's default
+    out["train_unembed"] = head_reported(url, other.model_id)  # fresh: its head LoRA (if any) changes nothing
     with pytest.raises(tinker.TinkerError, match="does not match"):  # raised by every rank's fleet
         other.load_state(path).result(timeout=T)
     out["after_error"] = other.forward(data, "cross_entropy").result(timeout=T).metrics["loss:sum"]
@@ -137,6 +139,15 @@ def test_sdk_calls_equal_one_process(servers):
         assert rel_err(a[k], b[k]) <= TOL, (k, a[k], b[k])
     assert a["greedy"] == b["greedy"] and a["seeded"] == b["seeded"]
     assert proc.poll() is None  # the followers did not die on the user's error
+    assert (a["train_unembed"], b["train_unembed"]) == (True, False)  # one process adapts the head, EP=2 not
+
+
+def head_reported(url, model_id) -> bool:
+    """get_info's train_unembed (the SDK's GetInfoResponse drops it)."""
+    import httpx
+
+    r = httpx.post(url + "/api/v1/get_info", json={"model_id": model_id}, headers={"X-API-Key": KEY}, timeout=T)
+    return r.json()["train_unembed"]
 
 
 def small_job(tmp_path: Path) -> Path:
