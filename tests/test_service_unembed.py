@@ -16,6 +16,7 @@ from tinker import types
 
 from lorafleet.service.core import ServiceConfig
 from lorafleet.service.server import ServerThread, build_service, make_app
+from lorafleet.service.store import Invalid
 from lorafleet.service.unembed import head_bank_bytes, head_target
 
 KEY = "tml-alice-0123456789"
@@ -109,6 +110,10 @@ def test_save_load_round_trip_keeps_the_head(server):
     saved = tc.save_state("with-head").result(timeout=T).path
     wi = svc.weights_info("alice", {"tinker_path": saved})
     assert (wi["train_unembed"], wi["train_attn"], wi["train_mlp"], wi["lora_rank"]) == (True, True, True, 4)
+    sampler_path = tc.save_weights_for_sampler("wi").result(timeout=T).path  # its PEFT adapter_config.json
+    assert svc.weights_info("alice", {"tinker_path": sampler_path})["train_unembed"] is True
+    with pytest.raises(Invalid, match="tinker_path"):
+        svc.weights_info("alice", {})
     resumed = sc.create_training_client_from_state_with_optimizer(saved).result(timeout=T)
     assert info(svc, resumed)["train_unembed"] is True
     a, b = peft_export(svc, tc, "orig"), peft_export(svc, resumed, "resumed")

@@ -24,12 +24,10 @@ from .jobs import JobRunner
 from .recovery import recover
 from .sqlite_store import SQLiteStore
 from .store import Checkpoints, InMemoryStore, Invalid, Model, NotFound, Sampler, Session, Store, check_name
-from .unembed import head_bank_bytes, head_target, reported_lora
+from .unembed import ATTN, head_bank_bytes, head_target, reported_lora, weights_info
 
 log = logging.getLogger("lorafleet.service")
 
-ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "c_proj",
-        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
 LORA_ALPHA = 32.0  # Tinker's LoRA scale numerator
 
 
@@ -317,29 +315,8 @@ class Service:
                 "model_data": {"arch": self.arch, "model_name": m.base_model, "tokenizer_id": self.tokenizer_dir}}
 
     def weights_info(self, tenant: str, body: dict) -> dict:
-        """The SDK's ``RestClient.get_weights_info_by_tinker_path``: what a checkpoint trains, read
-        from its own adapter config (state.json, or a sampler checkpoint's adapter_config.json)."""
-        path = body.get("tinker_path")
-        if not isinstance(path, str):
-            raise Invalid(f"weights_info needs tinker_path (a tinker://... checkpoint path), got {path!r}")
-        kind, d = self.checkpoints.resolve(tenant, path)
-        try:
-            if kind == "weights":
-                meta = json.loads((d / "state.json").read_text())
-                adapter, base = meta["adapter"], (meta.get("extra") or {}).get("base_model") or self.base_name
-                rank, experts = int(adapter["rank"]), bool(adapter.get("experts"))
-            else:
-                adapter = json.loads((d / "adapter_config.json").read_text())
-                rank, base, experts = int(adapter["r"]), self.base_name, False
-            tm = adapter.get("target_modules") or []
-        except Exception as e:  # noqa: BLE001
-            raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
-        tm = self._linear_names if tm == "all-linear" else list(tm)
-        decoder = [t for t in tm if t not in self.fleet.vocab_names]
-        return {"base_model": base, "is_lora": True, "lora_rank": rank,
-                "train_unembed": self.head_name is not None and self.head_name in tm,
-                "train_attn": any(t in ATTN for t in decoder),
-                "train_mlp": experts or any(t not in ATTN for t in decoder)}
+        """The SDK's ``RestClient.get_weights_info_by_tinker_path`` (unembed.py)."""
+        return weights_info(self, tenant, body)
 
     def _model_for(self, tenant: str, body: dict, allow_lost: bool = False) -> tuple[Model, int]:
         m = self.store.get_model(str(body.get("model_id")), tenant)

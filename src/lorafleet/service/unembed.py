@@ -13,7 +13,13 @@ would break every ordinary client, and pretending would be a lie. The two places
 
 from __future__ import annotations
 
+import json
+
 from ..config import AdapterConfig
+from .store import Invalid
+
+ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "c_proj",
+        "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}  # what lora_config.train_attn targets
 
 
 def head_target(model, fleet, rollout_engine: str | None) -> tuple[str | None, str]:
@@ -47,3 +53,30 @@ def reported_lora(lora: dict, adapter: AdapterConfig | dict, head: str | None) -
     out = dict(lora)
     out["train_unembed"] = bool(head) and not isinstance(tm, str) and head in tm
     return out
+
+
+def weights_info(service, tenant: str, body: dict) -> dict:
+    """The SDK's ``RestClient.get_weights_info_by_tinker_path``: what a checkpoint trains, read
+    from its own adapter config (state.json, or a sampler checkpoint's adapter_config.json)."""
+    path = body.get("tinker_path")
+    if not isinstance(path, str):
+        raise Invalid(f"weights_info needs tinker_path (a tinker://... checkpoint path), got {path!r}")
+    kind, d = service.checkpoints.resolve(tenant, path)
+    try:
+        if kind == "weights":
+            meta = json.loads((d / "state.json").read_text())
+            adapter = meta["adapter"]
+            base = (meta.get("extra") or {}).get("base_model") or service.base_name
+            rank, experts = int(adapter["rank"]), bool(adapter.get("experts"))
+        else:
+            adapter = json.loads((d / "adapter_config.json").read_text())
+            rank, base, experts = int(adapter["r"]), service.base_name, False
+        tm = adapter.get("target_modules") or []
+    except Exception as e:  # noqa: BLE001
+        raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
+    tm = service.fleet.linear_names if tm == "all-linear" else list(tm)
+    decoder = [t for t in tm if t not in service.fleet.vocab_names]
+    return {"base_model": base, "is_lora": True, "lora_rank": rank,
+            "train_unembed": service.head_name is not None and service.head_name in tm,
+            "train_attn": any(t in ATTN for t in decoder),
+            "train_mlp": experts or any(t not in ATTN for t in decoder)}
