@@ -138,6 +138,8 @@ def test_where_the_head_is_not_adapted_the_server_says_so(server, monkeypatch):
     assert "sglang" in head_target(svc.fleet.model, svc.fleet, "sglang")[1]
     distributed = pytypes.SimpleNamespace(comm=object(), vocab_names=svc.fleet.vocab_names)
     assert "distributed" in head_target(svc.fleet.model, distributed, None)[1]
+    head_ckpt = sc.create_lora_training_client(base_model=svc.base_name, rank=2).result(timeout=T) \
+        .save_state("head").result(timeout=T).path
     monkeypatch.setattr(svc, "unembed_target", None)
     monkeypatch.setattr(svc, "unembed_missing", "the sglang rollout engine cannot load LoRA on the LM head")
     tc = sc.create_lora_training_client(base_model=svc.base_name, rank=4).result(timeout=T)  # SDK default True
@@ -146,6 +148,8 @@ def test_where_the_head_is_not_adapted_the_server_says_so(server, monkeypatch):
     with pytest.raises(tinker.BadRequestError, match="sglang rollout engine"):  # head only: nothing to train
         sc.create_lora_training_client(base_model=svc.base_name, rank=4, train_attn=False,
                                        train_mlp=False).result(timeout=T)
+    with pytest.raises(tinker.BadRequestError, match="has LoRA on the LM head"):  # refused, not half-served
+        sc.create_training_client_from_state(head_ckpt).result(timeout=T)
 
 
 def test_budget_counts_the_head_bank(server):

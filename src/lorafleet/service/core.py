@@ -517,6 +517,8 @@ class Service:
                                  self.head_name)
         except Exception as e:  # noqa: BLE001
             raise Invalid(f"{path!r} is not a readable checkpoint ({e})") from None
+        if lora["train_unembed"] and self.unembed_missing:  # at the door: it could not be trained or sampled
+            raise Invalid(f"{path!r} has LoRA on the LM head, which this server does not adapt: {self.unembed_missing}")
         model_id = f"{session.session_id}:train:{mseq}"
         self.quotas.check_queue(tenant)
         self.quotas.check_slot(tenant)
