@@ -100,6 +100,9 @@ def test_train_unembed_false_has_no_head_lora(server):
     assert peft and head_keys(peft) == []
     saved = tc.save_state("no-head").result(timeout=T).path
     assert svc.weights_info("alice", {"tinker_path": saved})["train_unembed"] is False
+    # the same through the SDK's own REST client (POST /api/v1/weights_info)
+    wi = sc.create_rest_client().get_weights_info_by_tinker_path(saved).result(timeout=T)
+    assert wi.train_unembed is False and wi.lora_rank == 4
 
 
 def test_save_load_round_trip_keeps_the_head(server):

@@ -382,8 +382,8 @@ def load_adapter_dir(path, *, experts_arch: dict[str, ExpertsArch] | None = None
     is a linear like any other (PEFT ``lm_head.lora_A/B.weight``); ``embedding_shapes`` (path ->
     (vocab, dim)) names the input embeddings whose ``lora_embedding_A/B`` the file may hold. A
     ``...base_layer.weight`` PEFT saved beside them comes back in ``base_layers`` (the fleet
-    refuses the adapter unless it equals its own base weight). In a file not marked ``peft`` /
-    ``vllm`` in lorafleet.json, a q/k/v or gate/up module name whose every pair is zero and sits
+    refuses the adapter unless it equals its own base weight). In a file lorafleet.json marks
+    ``sglang`` (never a PEFT file), a q/k/v or gate/up module name whose every pair is zero and sits
     beside a kept member of its group (the ``sglang`` export's stacking partners) is dropped, so
     the adapter's targets survive a round trip (exact: a zero pair stays zero under training).
 

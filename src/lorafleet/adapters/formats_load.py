@@ -99,7 +99,9 @@ def load_dir(path, experts_arch: dict[str, ExpertsArch] | None, model_type: str,
             "LoRA (one shared pair, lm_head A = embedding B.T); lorafleet trains LoRA on embed_tokens and lm_head "
             "as separate deltas (PEFT's default), so it cannot continue that adapter exactly")
 
-    if meta.get("format") not in ("peft", "vllm"):  # lorafleet's sglang export, or a file of unknown origin
+    # lorafleet's own sglang export only: a PEFT file (no lorafleet.json) keeps every module it
+    # names, even an all-zero one (e.g. the gradient of a module whose scale is 0)
+    if meta.get("format") == "sglang":
         pairs = _without_zero_stack_partners(pairs)
     tp_parts = [(t.rpartition(".")[0], t.rpartition(".")[2]) for t in tps]
     for tp, (mp, pname) in zip(tps, tp_parts):

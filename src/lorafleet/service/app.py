@@ -303,7 +303,7 @@ def create_app(service: Service, auth: Authenticator) -> FastAPI:
         app.post(f"{API}/{name}")(route)
 
     for name in ("create_model", "get_info", "optim_step", "save_weights", "save_weights_for_sampler",
-                 "load_weights", "create_sampling_session", "asample"):
+                 "load_weights", "create_sampling_session", "asample", "weights_info"):
         json_route(name)
 
     @app.post(f"{API}/forward_backward")
