@@ -189,9 +189,14 @@ class _WatchedHTTP:
         try:
             return call(*args, **kw)
         except RolloutError as e:
-            code = self._server.proc.poll() if self._server.proc is not None else None
-            if code is None:
+            proc = self._server.proc
+            # an HTTP answer came from a live server; no answer at all may be a dying one
+            if proc is None or (proc.poll() is None and ": HTTP " in str(e)):
                 raise
+            try:  # a dying server closes its sockets a moment before it exits: give it that moment
+                code = proc.wait(timeout=3.0)
+            except subprocess.TimeoutExpired:
+                raise e from None
             raise RolloutError(f"{e}; the vllm-local server exited with code {code} ({self._server.tail()})") from None
 
 
