@@ -31,7 +31,8 @@ def _with(tmp_path, rollout):
     ({"engine": "vllm", "url": "http://x", "max_staleness": 2}, r"rollout\.max_staleness: only meaningful"),
     ({"engine": "vllm", "url": "http://x", "async": True, "max_staleness": 0},
      r"rollout\.max_staleness must be an integer >= 1"),
-    ({"engine": "vllm", "url": "http://x", "async": True}, r"rollout\.async: asynchronous rollouts are not"),
+    ({"engine": "vllm", "url": "http://x", "async": True, "max_staleness": 2, "max_versions": 2},
+     r"rollout\.max_versions: async rollouts with max_staleness 2 need max_versions >= 3"),
     ("vllm", r"rollout: expected a mapping"),
 ])
 def test_bad_rollout_block_is_one_line_naming_the_field(tmp_path, rollout, message):

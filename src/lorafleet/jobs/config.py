@@ -217,8 +217,12 @@ def read_rollout(spec, where: str) -> dict:
         raise ConfigError(f"{where}.retry_wait_s must be >= 0, got {out['retry_wait_s']!r}")
     if "max_staleness" in spec and not out["async"]:
         raise ConfigError(f"{where}.max_staleness: only meaningful with async: true")
-    if out["async"]:  # accepted by name so the spelling is fixed; refused until it is built
-        raise ConfigError(f"{where}.async: asynchronous rollouts are not implemented yet; use async: false")
+    if out["async"]:  # S versions may be in flight while the next loads: versioned names, S+1 kept
+        need = out["max_staleness"] + 1
+        kept = out.setdefault("max_versions", need)
+        if isinstance(kept, bool) or not isinstance(kept, int) or kept < need:
+            raise ConfigError(f"{where}.max_versions: async rollouts with max_staleness {out['max_staleness']} "
+                              f"need max_versions >= {need} (max_staleness + 1), got {kept!r}")
     return out
 
 

@@ -29,6 +29,7 @@ from ..engine.sampling import SampleRequest, SamplingParams
 from ..types import Example
 from .config import AdapterJob, ConfigError, RLConfig, _positive, load_config
 from .outputs import plot_run
+from .rollout_async import AsyncRolloutSteps
 from .rollout_step import EngineRollouts, EngineRolloutSteps
 from .train import TrainJob, _config_dict
 
@@ -104,7 +105,7 @@ def load_reward(spec: str, base_dir: Path):
     return fn
 
 
-class RLJob(EngineRolloutSteps, TrainJob):
+class RLJob(AsyncRolloutSteps, EngineRolloutSteps, TrainJob):
     rollouts: EngineRollouts | None = None  # with a `rollout:` engine, once the first step starts
 
     def __init__(self, cfg, *args, **kwargs):
@@ -122,7 +123,8 @@ class RLJob(EngineRolloutSteps, TrainJob):
     def run(self) -> dict:
         try:
             return super().run()
-        finally:
+        finally:  # the rollout worker is joined on every exit path, before its engine closes
+            self._stop_async()
             if self.rollouts is not None:
                 self.rollouts.close()
                 self.rollouts = None
@@ -153,8 +155,13 @@ class RLJob(EngineRolloutSteps, TrainJob):
         if self.engine_spec is None:
             groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
             samples = self._sample(names, groups)
+        elif self.engine_spec["async"]:
+            groups, samples = self._async_rollout(names)
         else:
             groups, samples = self._engine_rollout(names)
+        # versions behind the weights this step trains (async only: 0 by construction otherwise)
+        stale = ({n: self.fleet.adapter_version(n) - v for n, v in self.async_info["versions"].items()}
+                 if self.engine_spec is not None and self.engine_spec["async"] else None)
         per = {n: {"rewards": [], "lengths": [], "dropped": 0} for n in names}
         examples: dict[tuple, list[Example]] = {}
         for n in names:
@@ -202,6 +209,9 @@ class RLJob(EngineRolloutSteps, TrainJob):
                 m["entropy"] = sum(ent[n]) / len(ent[n])
             if n in kl:
                 m["kl"] = kl[n]
+            if stale is not None:  # the overlap: time the trainer / the rollout worker waited
+                m.update(staleness=stale[n], rollout_wait_s=self.async_info["rollout_wait_s"],
+                         rollout_idle_s=self.async_info["rollout_idle_s"])
             if gap[n]:  # tinker-cookbook's optim/kl_sample_train_v1 and _v2
                 m["kl_sample_train"] = sum(gap[n]) / len(gap[n])
                 m["kl_sample_train_v2"] = 0.5 * sum(d * d for d in gap[n]) / len(gap[n])

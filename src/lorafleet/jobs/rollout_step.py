@@ -6,8 +6,8 @@ whose version changed (a new one, or one an optimizer step moved) is pushed, so 
 samples the policy the trainer has. A push or a generate that fails is tried again
 ``retries`` times (waits of ``retry_wait_s``, doubling); then `RolloutFailed` (a ValueError: the
 CLI prints it as one line) names the engine's last answer, and the RL job saves a checkpoint
-before raising it. In asynchronous mode (`async: true`) pushes use versioned names, so a
-rollout still running on version v is never disturbed by the push of v+1.
+before raising it. In asynchronous mode (`async: true`, jobs/rollout_async.py) the pushes and
+generates run on a worker thread, and pushes use versioned names (``max_versions`` >= S+1).
 """
 
 from __future__ import annotations
@@ -67,18 +67,23 @@ class EngineRollouts:
     def sync(self, names) -> list[str]:
         """Push every adapter of ``names`` whose version differs from the one last pushed;
         returns the adapters pushed."""
-        done = []
-        for n in names:
-            version = self.fleet.adapter_version(n)
-            if self.pushed.get(n) == version and n in self.engine_names:
-                continue
-            snap = self.fleet.snapshot(n, layout=self.layout)
-            self.engine_names[n] = self._retry(f"push of adapter {n!r} (version {snap.version})",
-                                               lambda: self.engine.push(snap))
-            self.pushed[n] = snap.version
+        snaps = self.snapshots(names)
+        self.push_snapshots(snaps)
+        return [s.name for s in snaps]
+
+    def snapshots(self, names) -> list:
+        """Snapshots (copies) of the adapters of ``names`` whose version differs from the one
+        last pushed (taken by the trainer, between steps)."""
+        return [self.fleet.snapshot(n, layout=self.layout) for n in names
+                if not (self.pushed.get(n) == self.fleet.adapter_version(n) and n in self.engine_names)]
+
+    def push_snapshots(self, snaps) -> None:
+        """Push snapshots into the engine (with retries); the asynchronous worker calls this."""
+        for snap in snaps:
+            self.engine_names[snap.name] = self._retry(f"push of adapter {snap.name!r} (version {snap.version})",
+                                                       lambda: self.engine.push(snap))
+            self.pushed[snap.name] = snap.version
             self.pushes += 1
-            done.append(n)
-        return done
 
     def generate(self, name: str, prompts: list[list[int]], params: SamplingParams, n: int
                  ) -> tuple[list[list[SampledSequence]], int]:
@@ -157,11 +162,11 @@ class EngineRolloutSteps:
                 self.rollouts = self._start_engine()
             self.rollouts.sync(names)
             groups = {n: self.cursors[n].next_batch(self.jobs[n].batch_size) for n in names}
-            samples = {}
+            samples, self._sampled_versions = {}, {}
             seed = self.cfg.seed * 100_003 + self.global_step
             for n in names:
                 a = self.jobs[n]
-                samples[n], _version = self.rollouts.generate(n, [p for p, _ in groups[n]], a.sampling_params(seed),
+                samples[n], self._sampled_versions[n] = self.rollouts.generate(n, [p for p, _ in groups[n]], a.sampling_params(seed),
                                                               a.group_size)
             return groups, samples
         except RolloutFailed as e:
