@@ -143,8 +143,11 @@ SERVE_LIMITS = {
                             "runs (0: each sample decodes to its end at once, the old behaviour)"),
     "fair_share_tokens": (int, 4096, "tokens of work (fairness.py's prices) each tenant with work gets per "
                           "scheduler cycle (deficit round-robin)"),
+    "max_step_tokens": (int, -1, "a forward_backward priced over this many tokens (as --fair-share-tokens counts) "
+                        "runs as micro-batches of whole datums in successive cycles, other tenants' work between "
+                        "them (-1: the fair share; 0: in one cycle, the old behaviour)"),
 }
-SERVE_MINIMUM = {"decode_chunk_tokens": 0, "fair_share_tokens": 1}  # checked before the base loads
+SERVE_MINIMUM = {"decode_chunk_tokens": 0, "fair_share_tokens": 1, "max_step_tokens": -1}  # checked before the base loads
 
 
 def _check_serve_limits(args) -> None:

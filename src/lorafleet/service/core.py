@@ -65,6 +65,9 @@ class ServiceConfig:
     # its end at once), and tokens of work each tenant with work gets per cycle
     decode_chunk_tokens: int = 32
     fair_share_tokens: int = 4096
+    # a forward_backward priced over this runs as micro-batches in successive cycles (-1: the fair
+    # share; 0: in one cycle, the old behaviour); see fb_pieces.py
+    max_step_tokens: int = -1
     # sampling through a rollout engine (rollout_sampling.py); "": the built-in decoder
     rollout_url: str = ""
     rollout_engine: str = "vllm"  # "vllm" | "sglang"
@@ -139,7 +142,8 @@ class Service:
                                    cross_model_batching=self.config.cross_tenant_batching,
                                    slot_wait_s=self.config.slot_wait_s,
                                    decode_chunk_tokens=self.config.decode_chunk_tokens,
-                                   fair_share_tokens=self.config.fair_share_tokens)
+                                   fair_share_tokens=self.config.fair_share_tokens,
+                                   max_step_tokens=self.config.max_step_tokens)
         self.recovered = recover(self)
         self.jobs = JobRunner(self)
         self.scheduler.start()

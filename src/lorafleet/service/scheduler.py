@@ -13,7 +13,9 @@ by a request the server rejected is skipped with `skip`, and a gap nobody fills 
 * sampling requests of all samplers start in shared decode batches per identical sampling
   parameters (a request with a fixed seed and temperature > 0 runs on its own, so its samples
   do not depend on what else was queued). A batch stays in flight across cycles and decodes at
-  most ``decode_chunk_tokens`` steps per cycle (0: to the end at once, the old behaviour).
+  most ``decode_chunk_tokens`` steps per cycle (0: to the end at once, the old behaviour);
+* a ``forward_backward`` / ``forward`` priced over ``max_step_tokens`` is cut into micro-batches
+  of whole datums run in successive cycles, its model's later operations waiting (fb_pieces.py).
 
 What each tenant gets per cycle is a fair share by deficit round-robin priced in tokens
 (fairness.py): one tenant's huge sample or flood of requests cannot hold up another's small one.
@@ -35,6 +37,7 @@ from ..types import Example
 from . import protocol
 from .budget_fleet import BudgetedFleet
 from .fairness import DeficitRoundRobin, RunningDecode, op_price
+from .fb_pieces import RunningSplit, SplitRunning
 from .futures import Failure, FutureStore, Result
 from .samples import PoolFull, SampleRunning, UserError  # noqa: F401 - imported from here by core.py, jobs.py
 
@@ -65,11 +68,21 @@ class _ModelQueue:
         self.blocked_since: float | None = None
 
 
-class Scheduler(SampleRunning):
+class Scheduler(SampleRunning, SplitRunning):
     def __init__(self, fleet, futures: FutureStore, *, batch_window_s: float = 0.005,
                  gap_timeout_s: float = 30.0, max_sampler_slots: int | None = None, cross_model_batching: bool = True,
-                 slot_wait_s: float = 60.0, decode_chunk_tokens: int = 32, fair_share_tokens: int = 4096):
+                 slot_wait_s: float = 60.0, decode_chunk_tokens: int = 32, fair_share_tokens: int = 4096,
+                 max_step_tokens: int | None = None):
         self.fleet = fleet
+        if max_step_tokens is None or max_step_tokens == -1:
+            max_step_tokens = fair_share_tokens  # a piece fits one fair share
+        if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int) or max_step_tokens < 0:
+            raise ValueError(f"max_step_tokens must be an integer >= 0 (0: no splitting, -1: the fair share), "
+                             f"got {max_step_tokens!r}")
+        # a forward_backward priced over this runs as micro-batches in successive cycles (0: in one)
+        self.max_step_tokens = max_step_tokens
+        self._splits: list[RunningSplit] = []  # split forward_backwards in flight, oldest first
+        self._busy_models: set[str] = set()  # models whose split request runs: their next ops wait
         if not isinstance(decode_chunk_tokens, int) or decode_chunk_tokens < 0:
             raise ValueError(f"decode_chunk_tokens must be an integer >= 0 (0: no chunking), got {decode_chunk_tokens!r}")
         # a running decode takes at most this many steps per cycle, then others' work runs (0: a
@@ -142,6 +155,7 @@ class Scheduler(SampleRunning):
         """Operations not finished: waiting to be taken, waiting for a slot or memory, or decoding."""
         with self._cond:
             return len(self._free_ops) + len(self._slot_wait) + len(self._mem_wait) + self._decoding_locked() \
+                + len(self._busy_models) \
                 + sum(sum(1 for o in q.ops.values() if o is not None) for q in self._models.values())
 
     def _decoding_locked(self) -> int:
@@ -202,7 +216,9 @@ class Scheduler(SampleRunning):
         """Every takeable op, oldest first: free ops (queue None) and each model's next op
         (after skipped seq_ids; a gap nobody fills is jumped after ``gap_timeout_s``)."""
         heads: list[tuple[Op, _ModelQueue | None]] = [(op, None) for op in self._free_ops]
-        for q in self._models.values():
+        for model_id, q in self._models.items():
+            if model_id in self._busy_models:  # its split request runs: sequential per model
+                continue
             while q.next_seq in q.ops and q.ops[q.next_seq] is None:  # skipped seq_ids
                 del q.ops[q.next_seq]
                 q.next_seq += 1
@@ -226,15 +242,22 @@ class Scheduler(SampleRunning):
         taken: list[Op] = []
         stopped: set[str] = set()
         for op, q in heads:
-            if op.tenant in stopped or not self._drr.afford(op.tenant, self._price(op)):
+            if op.model_id in self._busy_models and q is not None:
+                continue  # split this cycle, below
+            split = q is not None and self._needs_split(op)
+            if op.tenant in stopped or (not split and not self._drr.afford(op.tenant, self._price(op))):
                 stopped.add(op.tenant)
                 continue
-            self._drr.charge(op.tenant, self._price(op))
             taken.append(op)
             if q is None:
+                self._drr.charge(op.tenant, self._price(op))
                 continue
             del q.ops[q.next_seq]
             q.next_seq += 1
+            if split:  # its pieces pay as they run; its model's next ops wait for its end
+                self._busy_models.add(op.model_id)
+                continue
+            self._drr.charge(op.tenant, self._price(op))
             while op.kind == "fwdbwd" and q.ops.get(q.next_seq) is not None and q.ops[q.next_seq].kind == "fwdbwd" \
                     and q.ops[q.next_seq].group == op.group and self._drr.afford(op.tenant, self._price(q.ops[q.next_seq])):
                 self._drr.charge(op.tenant, self._price(q.ops[q.next_seq]))
@@ -257,11 +280,15 @@ class Scheduler(SampleRunning):
         samples waiting for a slot or for memory."""
         now = time.monotonic()
         heads = self._heads_locked(now)
-        active = {op.tenant for op, _ in heads} | {t for d in self._decodes for t in d.tenants}
+        active = {op.tenant for op, _ in heads} | {t for d in self._decodes for t in d.tenants} \
+            | {s.op.tenant for s in self._splits}
         self._drr.grant(active)
         ready = self._take_locked(heads)
-        if not ready and heads and not any(self._piece_affordable(d) for d in self._decodes):
+        if not ready and heads and not any(self._piece_affordable(d) for d in self._decodes) \
+                and not any(self._split_affordable(s) for s in self._splits):
             wants: dict[str, float] = {}
+            for s in self._splits:
+                wants.setdefault(s.op.tenant, s.next_price())
             for op, _ in heads:
                 wants.setdefault(op.tenant, self._price(op))  # each tenant's oldest op
             self._drr.fast_forward(wants)
@@ -278,7 +305,7 @@ class Scheduler(SampleRunning):
         return bool(shares) and all(self._drr.afford(t, s) for t, s in shares.items())
 
     def _has_ready_locked(self) -> bool:
-        if self._free_ops or self._decodes or self._mem_wait:
+        if self._free_ops or self._decodes or self._mem_wait or self._splits:
             return True
         return any(q.next_seq in q.ops or (q.ops and q.blocked_since is not None) for q in self._models.values())
 
@@ -293,12 +320,12 @@ class Scheduler(SampleRunning):
                         break  # re-check gaps and samples waiting for a slot
                 if self._stop:
                     return
-                decoding = bool(self._decodes)
+                decoding = bool(self._decodes) or bool(self._splits)
             if self.batch_window_s and not decoding:
                 time.sleep(self.batch_window_s)  # let requests sent together arrive together
             with self._cond:
                 ready = [] if self._paused else self._ready_locked()
-                decoding = bool(self._decodes) and not self._paused
+                decoding = (bool(self._decodes) or bool(self._splits)) and not self._paused
             if not ready and not decoding:
                 time.sleep(0.05)
                 continue
@@ -327,7 +354,10 @@ class Scheduler(SampleRunning):
 
     def _cycle(self, ready: list[Op]):
         control = [o for o in ready if o.kind == "control"]
-        fwd = [o for o in ready if o.kind == "fwdbwd"]
+        fwd = [o for o in ready if o.kind == "fwdbwd" and o.model_id not in self._busy_models]
+        for op in ready:
+            if op.kind == "fwdbwd" and op.model_id in self._busy_models:
+                self._start_split(op)
         samples = [o for o in ready if o.kind == "sample"]
         for op in control:
             self._run_one(op, lambda op=op: op.fn(self.fleet))
@@ -344,6 +374,9 @@ class Scheduler(SampleRunning):
             self._fwd_blocked.clear()
         if samples:
             self._run_samples(samples)
+        # nothing else ran: a piece runs whatever its tenant's credit (as fast_forward would)
+        idle = not ready and not any(self._piece_affordable(d) for d in self._decodes)
+        self._advance_splits(idle)
         self._advance_decodes()
 
     def _run_one(self, op: Op, fn):
