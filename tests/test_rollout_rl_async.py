@@ -27,6 +27,7 @@ class RecordingEngine(FakeEngine):
         super().__init__()
         self.version, self.seen, self.returned = {}, [], set()
         self.started = {}  # global step -> threading.Event set when its first generate starts
+        self.prompts = {}  # (global step, adapter) -> the prompts of each generate for it
 
     def push(self, snap):
         name = super().push(snap)
@@ -37,6 +38,7 @@ class RecordingEngine(FakeEngine):
         step = params.seed % SEED_STEP
         self.started.setdefault(step, threading.Event()).set()
         self.seen.append((step, adapter, self.version[adapter], threading.current_thread().name))
+        self.prompts.setdefault((step, adapter), []).append(prompts)
         out = super().generate(adapter, prompts, params, n)
         self.returned.update(tuple(s.logprobs) for g in out for s in g)
         return out
@@ -170,3 +172,20 @@ def test_async_false_never_starts_a_worker_and_is_reproducible(tmp_path, engine,
         assert not any("staleness" in r for r in _metrics(d))
         finals.append(load_file(d / "run" / "up" / "final" / "adapter_model.safetensors"))
     assert all((finals[0][k] == finals[1][k]).all() for k in finals[0])
+
+
+def test_an_admitted_adapter_makes_the_next_step_synchronous(tmp_path, engine):
+    """`up` trains 2 steps, then `late` takes its slot: the job queued for step 2 (ppo only) is
+    dropped, its prompts given back and drawn again by a synchronous step 2 that samples both."""
+    c = yaml.safe_load(_cfg(tmp_path, **{"async": True}).read_text())
+    c["adapters"][0]["max_steps"] = 2
+    c["adapters"].append({**c["adapters"][0], "name": "late", "max_steps": 2, "seed": 5})
+    (tmp_path / "rl.yaml").write_text(yaml.safe_dump(c))
+    summary = RLJob(load_rl_config(tmp_path / "rl.yaml"), progress=False, log=lambda *a: None).run()
+    assert sorted(summary["adapters"]) == ["late", "ppo", "up"]
+    assert [r["staleness"] for r in _metrics(tmp_path, "ppo")] == [0, 1, 0, 1]
+    assert [r["staleness"] for r in _metrics(tmp_path, "late")] == [0, 1]
+    again = engine.prompts[(2, "ppo")]  # the dropped job's draw (if it ran) and the synchronous one
+    assert again and all(p == again[0] for p in again)
+    assert [v for step, a, v, _ in engine.seen if a == "ppo" and step == 2][-1] == 2
+    assert not _workers()
