@@ -192,3 +192,20 @@ def test_a_piece_failing_midway_leaves_no_gradient_for_the_next_optim_step(sched
     assert isinstance(s.futures.wait_sync(step, T), Result)
     assert torch.equal(_weights(fleet, "a"), before), "the two pieces run before the failure reached the step"
     assert len(calls) == 3
+
+
+def test_two_tenants_large_requests_share_their_pieces_calls(sched):
+    fleet, ref = _fleet(), _fleet()
+    s = sched(fleet, fair_share_tokens=150, max_step_tokens=150)  # 3 pieces of 2 datums (144) each
+    xa, xb = _datums(6, 24, "a", seed=5), _datums(6, 24, "b", seed=6)
+    s.pause()
+    ra, rb = _fwdbwd(s, "t1", "m", 1, xa), _fwdbwd(s, "t2", "n", 1, xb)
+    s.resume()
+    got = {k: _decoded(s.futures.wait_sync(r, T)) for k, r in (("a", ra), ("b", rb))}
+    assert s.stats["fwd_pieces"] == 6 and s.stats["fwdbwd_calls"] < 6 and s.stats["max_tenants_per_step"] == 2
+    for name, xs in (("a", xa), ("b", xb)):
+        uncut = ref.forward_backward(xs)
+        assert _rel(got[name][0], np.concatenate([np.asarray(x, np.float32) for x in uncut.logprobs])) <= 1e-5
+        assert got[name][1]["loss:sum"] == pytest.approx(sum(uncut.losses), rel=1e-5)
+        assert _rel(torch.cat([g.flatten() for g in fleet.adapter_grads(name)]),
+                    torch.cat([g.flatten() for g in ref.adapter_grads(name)])) <= 1e-5

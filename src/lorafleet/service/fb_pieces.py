@@ -5,7 +5,8 @@ A request whose price (fairness.py's, in forward-token equivalents) exceeds ``ma
 leaves its model's queue as a `RunningSplit`: the whole batch is validated first (a bad datum
 anywhere answers 400 and nothing runs), then each cycle its tenant's credit pays for as many
 pieces as it can (at least one piece per cycle when nothing else could run), with other
-tenants' work between them. Pieces are whole datums (DPO pairs together), each priced at most
+tenants' work between them; pieces of several splits with equal loss_fn and config run as one
+mixed call, so large requests of several tenants stay batched together. Pieces are whole datums (DPO pairs together), each priced at most
 ``max_step_tokens`` (a datum dearer than that alone is one piece). Exact: losses are per-datum
 sums and an adapter's gradients accumulate across calls until its optim_step, so the pieces add
 up to the uncut call, as `BudgetedFleet`'s micro-batches do; the answer (losses and logprobs in
@@ -112,50 +113,75 @@ class SplitRunning:
         return self._drr.afford(s.op.tenant, s.next_price())
 
     def _advance_splits(self, idle: bool) -> None:
-        """This cycle's pieces: each split, oldest first, runs the pieces its tenant's credit pays
-        for (``idle``: nothing else ran this cycle, so one piece runs whatever the credit)."""
-        for s in list(self._splits):
-            while s.done < len(s.ranges) and not self._stop:
+        """This cycle's pieces, in rounds: each round takes the next piece of every split whose
+        tenant's credit pays for it (``idle``: nothing else ran this cycle, so the oldest split's
+        piece runs whatever the credit) and runs the pieces of equal loss_fn, config and
+        forward_only as ONE mixed call, as ready requests are (several tenants' large requests
+        stay batched together)."""
+        while not self._stop:
+            rounds: dict[tuple, list] = {}
+            for s in list(self._splits):
                 price = s.next_price()
                 if not self._drr.afford(s.op.tenant, price) and not idle:
-                    break
-                idle = False
+                    continue
                 a, b = s.ranges[s.done]
                 piece = dataclasses.replace(s.op, examples=s.op.examples[a:b])
-                fleet = self._fleet_beside_decodes([piece])
-                if fleet is None:  # a datum does not fit beside the running decodes: later
-                    break
-                self._drr.charge(s.op.tenant, price)
-                if not self._run_piece(s, piece, fleet):
-                    break
-            if s.done == len(s.ranges):
+                key = s.op.group if self.cross_model_batching else (s.op.group, s.op.model_id)
+                rounds.setdefault(key, []).append((s, piece, price))
+                idle = False
+            if not rounds:
+                return
+            ran = False
+            for items in rounds.values():
+                fleet = self._fleet_beside_decodes([piece for _, piece, _ in items])
+                if fleet is None:  # a datum does not fit beside the running decodes: a later cycle
+                    continue
+                for s, _, price in items:
+                    self._drr.charge(s.op.tenant, price)
+                self._run_pieces(items, fleet)
+                ran = True
+            for s in [s for s in list(self._splits) if s.done == len(s.ranges)]:
                 self.stats["fwdbwd_ops"] += 1
-                res = _Pieces(s.logprobs, s.losses)
-                self._end_split_locked_free(s.op, self._fwdbwd_result(s.op, res, 0))
+                self._end_split_locked_free(s.op, self._fwdbwd_result(s.op, _Pieces(s.logprobs, s.losses), 0))
+            if not ran:
+                return
 
-    def _run_piece(self, s: RunningSplit, piece, fleet) -> bool:
-        """Run one piece; False (and the request answered) when it failed."""
-        loss_fn, cfg_items, forward_only = piece.group
+    def _run_pieces(self, items: list, fleet) -> None:
+        """Run one round's pieces of a group as one call (each alone if that fails, so one bad
+        piece fails only its own request)."""
+        loss_fn, cfg_items, forward_only = items[0][1].group
         try:
-            res = fleet.forward_backward(piece.examples, loss_fn, dict(cfg_items), forward_only=forward_only)
+            res = fleet.forward_backward([e for _, piece, _ in items for e in piece.examples], loss_fn,
+                                         dict(cfg_items), forward_only=forward_only)
         except Exception as e:  # noqa: BLE001 - answered as the uncut call's failure would be
-            user = isinstance(e, ValueError)
-            if not user:
-                log.error("forward_backward piece failed: %s\n%s", e, traceback.format_exc())
-            msg = str(e) if user else f"internal error: {type(e).__name__}: {e}"
-            if s.done and not forward_only:
-                adapter = s.op.examples[0].adapter
-                try:  # the pieces already applied must not reach the next optim_step
-                    self.fleet.zero_grad(adapter)
-                except Exception as z:  # noqa: BLE001
-                    log.error("could not drop the gradient of %s: %s", adapter, z)
-                msg += (f" (after {s.done} of {len(s.ranges)} micro-batches: the model's pending gradient "
-                        "was dropped)")
-            self._end_split_locked_free(s.op, Failure(msg, "user" if user else "server"))
-            return False
-        s.logprobs.extend(res.logprobs)
-        s.losses.extend(res.losses)
-        s.done += 1
+            if len(items) > 1:
+                for item in items:
+                    self._run_pieces([item], fleet)
+                return
+            self._fail_split(items[0][0], e)
+            return
+        off = 0
+        for s, piece, _ in items:
+            n = len(piece.examples)
+            s.logprobs.extend(res.logprobs[off:off + n])
+            s.losses.extend(res.losses[off:off + n])
+            off += n
+            s.done += 1
         self.stats["fwdbwd_calls"] += 1
-        self.stats["fwd_pieces"] = self.stats.get("fwd_pieces", 0) + 1
-        return True
+        self.stats["fwd_pieces"] = self.stats.get("fwd_pieces", 0) + len(items)
+        self.stats["max_tenants_per_step"] = max(self.stats["max_tenants_per_step"],
+                                                 len({s.op.tenant for s, _, _ in items}))
+
+    def _fail_split(self, s: RunningSplit, e: Exception) -> None:
+        user = isinstance(e, ValueError)
+        if not user:
+            log.error("forward_backward piece failed: %s\n%s", e, traceback.format_exc())
+        msg = str(e) if user else f"internal error: {type(e).__name__}: {e}"
+        if s.done and not s.op.group[2]:
+            adapter = s.op.examples[0].adapter
+            try:  # the pieces already applied must not reach the next optim_step
+                self.fleet.zero_grad(adapter)
+            except Exception as z:  # noqa: BLE001
+                log.error("could not drop the gradient of %s: %s", adapter, z)
+            msg += f" (after {s.done} of {len(s.ranges)} micro-batches: the model's pending gradient was dropped)"
+        self._end_split_locked_free(s.op, Failure(msg, "user" if user else "server"))
