@@ -124,7 +124,8 @@ def test_rollouts_overlap_training_with_bounded_fixed_staleness(tmp_path, engine
     monkeypatch.setattr(RLJob, "_shared_step", shared)
     cfg = load_rl_config(_cfg(tmp_path, steps=5, **{"async": True, "max_staleness": S}))
     assert cfg.rollout["max_versions"] == S + 1
-    RLJob(cfg, progress=False, log=lambda *a: None).run()
+    summary = RLJob(cfg, progress=False, log=lambda *a: None).run()
+    assert set(summary["async"]) == {"rollout_wait_s", "rollout_idle_s"}
     assert overlapped and all(overlapped)
     assert {(step, v) for step, a, v, _ in engine.seen if a == "up"} == {(b, max(b - S, 0)) for b in range(5)}
     assert {t for step, _, _, t in engine.seen if step > 0} == {"lorafleet-rollouts"}  # the worker samples

@@ -297,6 +297,8 @@ class RLJob(AsyncRolloutSteps, EngineRolloutSteps, TrainJob):
         summary = {"run_dir": str(self.run_dir), "base": self.base_name, "seconds": round(seconds, 1),
                    "adapters": self.finished, "reward_curves": str(png),
                    "reward_errors": self.reward_errors}
+        if self.async_totals:  # the overlap over the run (this process's steps)
+            summary["async"] = {k: round(v, 3) for k, v in self.async_totals.items()}
         self._write_summary(summary)
         return summary
 

@@ -102,6 +102,7 @@ class AsyncRolloutSteps:
 
     _async: AsyncRollouts | None = None
     async_info: dict | None = None  # the last step's: versions sampled, trainer wait, rollout idle
+    async_totals: dict | None = None  # the waits summed over the run (in summary.json)
 
     def _async_rollout(self, names):
         """Step ``global_step``'s groups and samples: from the worker, or synchronously when
@@ -129,6 +130,10 @@ class AsyncRolloutSteps:
             groups, samples, versions, idle = job.groups, job.samples, job.versions, job.rollout_idle_s
             self._submit(g + S, S, snaps=True)
         self.async_info = {"versions": versions, "rollout_wait_s": waited, "rollout_idle_s": idle}
+        if self.async_totals is None:
+            self.async_totals = {"rollout_wait_s": 0.0, "rollout_idle_s": 0.0}
+        self.async_totals["rollout_wait_s"] += waited
+        self.async_totals["rollout_idle_s"] += idle
         return groups, samples
 
     def _submit(self, step: int, ahead: int, snaps: bool) -> None:
