@@ -78,6 +78,8 @@ def stop_heartbeat() -> None:
     global _heartbeat
     if _heartbeat is not None:
         _heartbeat.stop()
+        # joined, so no beat is inside a store call while the process group is torn down
+        _heartbeat._thread.join(timeout=2 * _heartbeat.interval_s + 1.0)
         _heartbeat = None
 
 

@@ -8,10 +8,13 @@ process group, the heartbeat, the mesh and `parallelize`.
 
 from __future__ import annotations
 
+import atexit
 import os
 
+import torch.distributed as dist
+
 from .data_parallel import FleetComm
-from .failure import start_heartbeat
+from .failure import start_heartbeat, stop_heartbeat
 from .mesh import ParallelismConfig, init_process_group, launched_by_torchrun, mesh_of
 from .parallelize import parallelize
 
@@ -32,4 +35,17 @@ def launch(config: ParallelismConfig, fleet, device: str | None = None) -> Fleet
     degrees = config.resolve(torchrun_world(), fleet_num_experts(fleet))  # before the first collective
     init_process_group(config.timeout_s, device)
     start_heartbeat()
+    atexit.register(_leave)
     return parallelize(fleet, mesh_of(degrees, config.timeout_s, device))
+
+
+def _leave() -> None:
+    """At exit: stop the heartbeat, then destroy the process group. Left to the interpreter's
+    teardown, gloo's threads could be destroyed while still joinable under load, which aborts
+    the process ("terminate called without an active exception", exit -6) after a finished job."""
+    stop_heartbeat()
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing left to release cleanly
+        pass
