@@ -43,22 +43,44 @@ def servers(tmp_path_factory):
            "--threads", "1", "--parallelism.expert_parallel_degree", "2", "--parallelism.timeout_s", "60", *common]
     log = tmp / "torchrun.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
-    # the reference, built while the ranks start: the same base and slots in this process
-    svc = build_service(BASE, ServiceConfig(data_dir=str(tmp / "one"), max_adapters=4, max_rank=8,
-                                            dataset_roots=[str(ROOT / "examples" / "data")]), log_fn=lambda *a: None)
-    app, _ = make_app(svc, keys={})
-    srv = ServerThread(app)
-    one, two = srv.start(), f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not _healthy(two):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
-    yield one, two, proc, log
-    srv.stop()
-    svc.close()
-    if proc.poll() is None:
-        proc.kill()
+        # its own process group: teardown ends torchrun AND its ranks (a SIGKILLed agent orphans them)
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # the reference, built while the ranks start: the same base and slots in this process
+        svc = build_service(BASE, ServiceConfig(data_dir=str(tmp / "one"), max_adapters=4, max_rank=8,
+                                                dataset_roots=[str(ROOT / "examples" / "data")]), log_fn=lambda *a: None)
+        app, _ = make_app(svc, keys={})
+        srv = ServerThread(app)
+        one, two = srv.start(), f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _healthy(two):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        yield one, two, proc, log
+        srv.stop()
+        svc.close()
+    finally:
+        _end_group(proc)
+
+
+def _end_group(proc) -> None:
+    """SIGTERM torchrun's process group (its ranks shut down gracefully), SIGKILL what is left."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.5)  # the ranks exit just after the agent
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def free_port() -> int:
