@@ -55,6 +55,14 @@ def engine_message(body: bytes | str) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+class EngineAnswered(RolloutError):
+    """The engine answered with an HTTP error: it is up (unlike a refused, dropped or timed-out
+    connection). ``status`` is the HTTP code."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
 class EngineHTTP:
     """Requests to one engine: ``get(path)`` / ``post(path, body)`` -> parsed JSON (or the text
     of a non-JSON answer such as vLLM's ``Success: ...``)."""
@@ -79,7 +87,7 @@ class EngineHTTP:
             with urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            raise RolloutError(f"{where}: HTTP {e.code}: {engine_message(e.read() or e.reason)}") from None
+            raise EngineAnswered(f"{where}: HTTP {e.code}: {engine_message(e.read() or e.reason)}", e.code) from None
         except urllib.error.URLError as e:
             raise RolloutError(f"{where}: unreachable ({_reason(e.reason)})") from None
         except (socket.timeout, TimeoutError):

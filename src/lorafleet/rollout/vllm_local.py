@@ -21,7 +21,7 @@ import weakref
 from pathlib import Path
 
 from .base import RolloutError
-from .http import EngineHTTP
+from .http import EngineAnswered, EngineHTTP
 from .versions import check_max_versions
 from .vllm import VLLMEngine
 
@@ -191,7 +191,7 @@ class _WatchedHTTP:
         except RolloutError as e:
             proc = self._server.proc
             # an HTTP answer came from a live server; no answer at all may be a dying one
-            if proc is None or (proc.poll() is None and ": HTTP " in str(e)):
+            if proc is None or (proc.poll() is None and isinstance(e, EngineAnswered)):
                 raise
             try:  # a dying server closes its sockets a moment before it exits: give it that moment
                 code = proc.wait(timeout=3.0)
