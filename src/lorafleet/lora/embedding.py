@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import SlotBank
+from .bank import SlotBank, init_slot_layer
 from .routing import current_routing
 
 
@@ -33,17 +33,8 @@ class MultiLoRAEmbedding(nn.Module):
             raise ValueError(f"{path}: embedding LoRA needs an nn.Embedding, got {type(base).__name__}")
         if base.sparse:
             raise ValueError(f"{path}: embedding LoRA does not support sparse=True embeddings")
-        self.base_layer = base
-        self.bank = bank
-        self.path = path
-        self.short_name = path.rsplit(".", 1)[-1]
-        S, R = bank.max_adapters, bank.max_rank
-        dtype = dtype or base.weight.dtype
-        dev = base.weight.device
-        self.lora_embedding_A = nn.Parameter(torch.zeros(S, R, base.num_embeddings, dtype=dtype, device=dev))
-        self.lora_embedding_B = nn.Parameter(torch.zeros(S, base.embedding_dim, R, dtype=dtype, device=dev))
-        self.enabled = [False] * S
-        self.scale_override: dict[int, float] = {}  # slot -> scale where not the slot's (alpha_pattern)
+        self.lora_embedding_A, self.lora_embedding_B = init_slot_layer(
+            self, base, bank, path, base.num_embeddings, base.embedding_dim, dtype)
 
     @property
     def num_embeddings(self):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..kernels.dispatch import Segment
-from .bank import SlotBank
+from .bank import SlotBank, init_slot_layer
 from .routing import current_routing
 
 
@@ -36,18 +36,7 @@ def dropout_noise(shape, p: float, seed: int, counter: int, path: str, dtype, de
 class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, bank: SlotBank, path: str, dtype=None):
         super().__init__()
-        self.base_layer = base
-        self.bank = bank
-        self.path = path
-        self.short_name = path.rsplit(".", 1)[-1]
-        S, R = bank.max_adapters, bank.max_rank
-        dtype = dtype or base.weight.dtype
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(S, R, base.in_features, dtype=dtype, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(S, base.out_features, R, dtype=dtype, device=dev))
-        self.enabled = [False] * S  # does slot s target this module
-        # slot -> this module's LoRA scale where it is not the slot's (PEFT rank_pattern / alpha_pattern)
-        self.scale_override: dict[int, float] = {}
+        self.lora_A, self.lora_B = init_slot_layer(self, base, bank, path, base.in_features, base.out_features, dtype)
 
     @property
     def in_features(self):

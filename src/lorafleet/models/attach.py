@@ -102,9 +102,14 @@ def attach(model: nn.Module, spec: ArchSpec, bank: SlotBank, experts: bool = Tru
         else:
             wrapped = MultiLoRAExperts(module, bank, path, dtype=dtype)
             att.experts[path] = wrapped
-        setattr(parent, child_name, wrapped)
-        att._originals.append((parent, child_name, module))
+        _swap_in(att, parent, child_name, module, wrapped)
     return att
+
+
+def _swap_in(att: Attachment, parent: nn.Module, child_name: str, module: nn.Module, wrapped: nn.Module) -> None:
+    """Put ``wrapped`` where ``module`` was, remembering the original for `detach`."""
+    setattr(parent, child_name, wrapped)
+    att._originals.append((parent, child_name, module))
 
 
 def vocab_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -141,6 +146,5 @@ def attach_vocab(att: Attachment, bank: SlotBank, path: str, dtype=None):
     else:
         wrapped = MultiLoRALinear(module, bank, path, dtype=dtype)
         att.linears[path] = wrapped
-    setattr(parent, child_name, wrapped)
-    att._originals.append((parent, child_name, module))
+    _swap_in(att, parent, child_name, module, wrapped)
     return wrapped
