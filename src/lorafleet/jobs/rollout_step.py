@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..utils.atomic import atomic_dir
+from ..utils.values import one_line as _one_line
 from .config import ROLLOUT_JOB_KEYS, ConfigError
 
 ROLLOUT_BASE_DIR = "rollout_base"  # a built-in base, saved for the engine inside the run dir
@@ -141,11 +142,6 @@ def make_job_engine(spec: dict, base_dir: Path, max_rank: int):
     engine_spec = {k: v for k, v in spec.items() if k not in ROLLOUT_JOB_KEYS or k in ("engine", "url")}
     engine_spec = {k: v for k, v in engine_spec.items() if v is not None}
     return make_engine(engine_spec, base_dir=str(base_dir), max_rank=max_rank)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 class EngineRolloutSteps:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..engine.sampling import SampledSequence, SamplingParams
 from ..engine.snapshot import Snapshot
+from ..utils.values import one_line
 from .base import RolloutError, RolloutRefused
 from .versions import AdapterVersions, check_max_versions, slots_needed
 
@@ -210,5 +211,4 @@ class _NoAdapter:
 
 
 def _one_line(e) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    return one_line(e, limit=300)

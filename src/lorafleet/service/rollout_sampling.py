@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine.sampling import SamplingParams
 from ..engine.snapshot import Snapshot
+from ..utils.values import one_line as _one_line
 from . import protocol
 from .futures import Failure, Result
 
@@ -105,11 +106,6 @@ def snapshot_from_dir(name: str, directory) -> Snapshot:
     meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).exists() else None
     return Snapshot(name=name, layout="peft", version=0, rank=int(config.get("r", 0)),
                     tensors=load_file(str(d / WEIGHTS_FILE)), config=config, meta=meta)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _unreachable(e: BaseException) -> bool:

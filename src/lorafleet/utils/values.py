@@ -94,3 +94,10 @@ def int_field(obj, name: str, optional: bool = False) -> None:
             or not float(v).is_integer()):
         raise ValueError(f"{type(obj).__name__}.{name} must be an integer, got {v!r}")
     setattr(obj, name, int(v))
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line of at most ``limit`` characters (its type when it has no text),
+    for the one-line errors the CLI and the service show."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
